@@ -1,0 +1,69 @@
+"""castore: a content-addressed store for torch.compile artifacts on S3-compatible object storage.
+
+``import castore`` never imports torch (nor boto3 unless an s3:// store is opened).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__version__ = "0.1.0"
+
+from castore.config import Config, load_config  # noqa: E402
+from castore.errors import (  # noqa: E402
+    BackendError,
+    BackendUnavailable,
+    CastoreError,
+    ConfigError,
+    CorruptChunkError,
+    FormatError,
+    InvalidKeyError,
+    ManifestError,
+    ReadOnlyError,
+    UnsupportedFormatVersion,
+)
+from castore.store import PutResult, Store  # noqa: E402
+
+
+def open_store(url: str | None = None, *, config: Config | None = None, **overrides: Any) -> Store:
+    """Open the configured store: backend by URL, read-only wrapper, local read-through layer."""
+    from castore.backends import ReadOnlyBackend, open_backend
+    from castore.local_layer import LocalLayer
+
+    if config is None:
+        config = load_config({"url": url, **overrides})
+    options = {}
+    if config.url.startswith("s3://"):
+        options = {
+            "connect_timeout": config.connect_timeout,
+            "read_timeout": config.read_timeout,
+            "max_attempts": config.max_attempts,
+            "max_concurrency": config.workers,
+        }
+    backend = open_backend(config.url, **options)
+    if config.read_only:
+        backend = ReadOnlyBackend(backend)
+    # A local layer in front of a local store only duplicates it.
+    if config.cache_size > 0 and not config.url.startswith(("file://", "memory://", "/")):
+        backend = LocalLayer(backend, config.cache_dir, config.cache_size)
+    return Store(backend, read_only=config.read_only, workers=config.workers)
+
+
+__all__ = [
+    "BackendError",
+    "BackendUnavailable",
+    "CastoreError",
+    "Config",
+    "ConfigError",
+    "CorruptChunkError",
+    "FormatError",
+    "InvalidKeyError",
+    "ManifestError",
+    "PutResult",
+    "ReadOnlyError",
+    "Store",
+    "UnsupportedFormatVersion",
+    "__version__",
+    "load_config",
+    "open_store",
+]

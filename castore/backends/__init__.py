@@ -1,0 +1,40 @@
+"""Backends by URL scheme. Each backend is one module; only the one a URL names is imported."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+from urllib.parse import urlsplit
+
+from castore.backends.base import Backend, ReadOnlyBackend
+from castore.errors import ConfigError
+
+SCHEMES = ("file", "memory", "s3")
+
+
+def open_backend(url: str, **options: Any) -> Backend:
+    """Open the backend a URL names. ``options`` (timeouts, retries, concurrency) apply to network backends."""
+    scheme = urlsplit(url).scheme if "://" in url else ""
+    if scheme == "file":
+        path = urlsplit(url).path
+        if not path:
+            raise ConfigError(f"file URL has no path: {url!r}")
+        from castore.backends.file import FileBackend
+
+        return FileBackend(path)
+    if scheme == "memory":
+        from castore.backends.memory import MemoryBackend
+
+        return MemoryBackend(url[len("memory://") :])
+    if scheme == "s3":
+        from castore.backends.s3 import S3Backend  # boto3 is imported only for s3:// URLs
+
+        return S3Backend(url, **options)
+    if not scheme and url.startswith(("/", "~", ".")):
+        from castore.backends.file import FileBackend
+
+        return FileBackend(os.path.expanduser(url))
+    raise ConfigError(f"unsupported store URL {url!r}: expected one of {', '.join(s + '://' for s in SCHEMES)}")
+
+
+__all__ = ["Backend", "ReadOnlyBackend", "open_backend"]

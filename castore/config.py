@@ -1,0 +1,119 @@
+"""Configuration: explicit arguments > environment > config files > defaults, each value knowing its source.
+
+Files, first found wins per value: ./castore.toml, ./pyproject.toml [tool.castore],
+$XDG_CONFIG_HOME/castore/config.toml (default ~/.config/castore/config.toml).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from castore.errors import ConfigError
+
+
+def _user_cache_dir() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "castore"
+
+
+def parse_size(value: object) -> int:
+    """'10G', '512MiB', '1.5 GB', 4096 -> bytes (binary multiples)."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([kmgt]?)(i?b)?\s*", str(value), re.IGNORECASE)
+    if not m:
+        raise ConfigError(f"not a size: {value!r} (try 512M or 10G)")
+    return int(float(m.group(1)) * 1024 ** "_kmgt".index((m.group(2) or "_").lower()))
+
+
+def parse_bool(value: object) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off", ""):
+        return False
+    raise ConfigError(f"not a boolean: {value!r}")
+
+
+@dataclass
+class Config:
+    url: str = field(default_factory=lambda: "file://" + str(_user_cache_dir() / "store"))
+    cache_dir: str = field(default_factory=lambda: str(_user_cache_dir() / "local"))
+    cache_size: int = 10 << 30  # 0 turns the local layer off
+    read_only: bool = False
+    connect_timeout: float = 2.0
+    read_timeout: float = 10.0
+    max_attempts: int = 4
+    workers: int = 16
+    # Torch integration: after a store error, skip the store for this many seconds (bounds the added delay).
+    error_backoff: float = 60.0
+    sources: dict[str, str] = field(default_factory=dict, compare=False, repr=False)
+
+    def describe(self) -> list[tuple[str, object, str]]:
+        return [(f.name, getattr(self, f.name), self.sources.get(f.name, "default")) for f in fields(self) if f.name != "sources"]
+
+
+_PARSERS: dict[str, Any] = {
+    "url": str,
+    "cache_dir": lambda v: os.path.expanduser(str(v)),
+    "cache_size": parse_size,
+    "read_only": parse_bool,
+    "connect_timeout": float,
+    "read_timeout": float,
+    "max_attempts": int,
+    "workers": int,
+    "error_backoff": float,
+}
+ENV_PREFIX = "CASTORE_"
+
+
+def config_files(cwd: Path | None = None) -> list[tuple[Path, str | None]]:
+    """Candidate files in precedence order: (path, table inside it or None for the whole file)."""
+    cwd = cwd or Path.cwd()
+    xdg = Path(os.environ.get("XDG_CONFIG_HOME") or Path.home() / ".config")
+    return [(cwd / "castore.toml", None), (cwd / "pyproject.toml", "tool.castore"), (xdg / "castore" / "config.toml", None)]
+
+
+def _read_table(path: Path, table: str | None) -> dict[str, Any]:
+    if not path.is_file():
+        return {}
+    try:
+        doc: Any = tomllib.loads(path.read_text())
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError(f"cannot read {path}: {exc}") from exc
+    for part in (table or "").split(".") if table else []:
+        doc = doc.get(part, {}) if isinstance(doc, dict) else {}
+    if not isinstance(doc, dict):
+        raise ConfigError(f"{path}: [{table}] is not a table")
+    return doc
+
+
+def load_config(overrides: dict[str, Any] | None = None, *, env: dict[str, str] | None = None, cwd: Path | None = None) -> Config:
+    env = os.environ if env is None else env
+    layers: list[tuple[str, dict[str, Any]]] = [("argument", {k: v for k, v in (overrides or {}).items() if v is not None})]
+    layers.append(("environment", {name: env[ENV_PREFIX + name.upper()] for name in _PARSERS if ENV_PREFIX + name.upper() in env}))
+    for path, table in config_files(cwd):
+        doc = _read_table(path, table)
+        unknown = set(doc) - set(_PARSERS)
+        if unknown:
+            raise ConfigError(f"{path}: unknown settings {sorted(unknown)}; known: {sorted(_PARSERS)}")
+        layers.append((str(path) + (f" [{table}]" if table else ""), doc))
+    config = Config()
+    for name, parse in _PARSERS.items():
+        for source, values in layers:
+            if name in values:
+                try:
+                    setattr(config, name, parse(values[name]))
+                except (TypeError, ValueError) as exc:
+                    raise ConfigError(f"{name} from {source}: {exc}") from exc
+                config.sources[name] = source + (f" {ENV_PREFIX}{name.upper()}" if source == "environment" else "")
+                break
+    if config.cache_size < 0 or config.workers < 1 or config.max_attempts < 1:
+        raise ConfigError("cache_size must be >= 0, workers and max_attempts >= 1")
+    return config

@@ -1,0 +1,52 @@
+"""Typed errors. Everything castore raises on purpose derives from CastoreError."""
+
+from __future__ import annotations
+
+
+class CastoreError(Exception):
+    """Base class of every error castore raises deliberately."""
+
+
+class InvalidKeyError(CastoreError, ValueError):
+    """A namespace or key is not allowed (path separators, '..', NUL, too long, ...)."""
+
+
+class FormatError(CastoreError):
+    """Stored bytes do not follow docs/FORMAT.md."""
+
+
+class ManifestError(FormatError):
+    """A manifest is malformed, oversized or internally inconsistent."""
+
+
+class UnsupportedFormatVersion(FormatError):
+    """A manifest or chunk declares a format version this reader does not know."""
+
+    def __init__(self, found: object, supported: int) -> None:
+        super().__init__(f"format version {found!r} is not supported (this castore reads version {supported})")
+        self.found = found
+        self.supported = supported
+
+
+class CorruptChunkError(FormatError):
+    """A chunk's bytes do not match its digest or declared size."""
+
+
+class BackendError(CastoreError):
+    """The storage backend failed (network, permissions, server error). Never means 'not found'."""
+
+
+class BackendUnavailable(BackendError):
+    """The backend could not be reached within its timeouts."""
+
+
+class ReadOnlyError(CastoreError):
+    """A write was attempted on a read-only store."""
+
+
+class ConfigError(CastoreError, ValueError):
+    """The configuration is invalid."""
+
+
+class KeyExistsError(CastoreError):
+    """put(..., overwrite=False) found the key already published."""

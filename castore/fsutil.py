@@ -1,0 +1,45 @@
+"""Small file-system helpers shared by the file backend and the local layer."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+
+
+def write_atomic(path: str, data: bytes | memoryview, *, if_absent: bool = False, fsync: bool = False) -> bool:
+    """Write through a temp file and rename (or link, for if_absent), so readers never see a partial file.
+
+    Returns False when if_absent is set and the file already exists.
+    """
+    directory = os.path.dirname(path)
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            if fsync:
+                f.flush()
+                os.fsync(f.fileno())
+        if if_absent:
+            try:
+                os.link(tmp, path)  # atomic create-if-absent
+            except FileExistsError:
+                return False
+            return True
+        os.replace(tmp, path)
+        tmp = ""
+        return True
+    finally:
+        if tmp:
+            try:
+                os.unlink(tmp)
+            except FileNotFoundError:
+                pass
+
+
+def read_file(path: str) -> bytes | None:
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except (FileNotFoundError, NotADirectoryError):
+        return None
