@@ -11,7 +11,7 @@ def write_atomic(path: str, data: bytes | memoryview, *, if_absent: bool = False
 
     Returns False when if_absent is set and the file already exists.
     """
-    directory = os.path.dirname(path)
+    directory = os.path.dirname(path) or "."  # a bare file name lives in the current directory
     os.makedirs(directory, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-")
     try:
