@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import re
 import tomllib
+from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -73,10 +74,11 @@ _PARSERS: dict[str, Any] = {
 ENV_PREFIX = "CASTORE_"
 
 
-def config_files(cwd: Path | None = None) -> list[tuple[Path, str | None]]:
+def config_files(cwd: Path | None = None, env: Mapping[str, str] | None = None) -> list[tuple[Path, str | None]]:
     """Candidate files in precedence order: (path, table inside it or None for the whole file)."""
     cwd = cwd or Path.cwd()
-    xdg = Path(os.environ.get("XDG_CONFIG_HOME") or Path.home() / ".config")
+    env = os.environ if env is None else env
+    xdg = Path(env.get("XDG_CONFIG_HOME") or Path.home() / ".config")
     return [(cwd / "castore.toml", None), (cwd / "pyproject.toml", "tool.castore"), (xdg / "castore" / "config.toml", None)]
 
 
@@ -98,7 +100,7 @@ def load_config(overrides: dict[str, Any] | None = None, *, env: dict[str, str] 
     env = os.environ if env is None else env
     layers: list[tuple[str, dict[str, Any]]] = [("argument", {k: v for k, v in (overrides or {}).items() if v is not None})]
     layers.append(("environment", {name: env[ENV_PREFIX + name.upper()] for name in _PARSERS if ENV_PREFIX + name.upper() in env}))
-    for path, table in config_files(cwd):
+    for path, table in config_files(cwd, env):
         doc = _read_table(path, table)
         unknown = set(doc) - set(_PARSERS)
         if unknown:
