@@ -54,6 +54,10 @@ class Config:
     workers: int = 16
     # Torch integration: after a store error, skip the store for this many seconds (bounds the added delay).
     error_backoff: float = 60.0
+    # Torch integration: a get slower than this opens the circuit breaker too (a slow store costs more than it saves).
+    slow_request: float = 1.0
+    # Torch integration: how long process exit waits for background uploads.
+    flush_timeout: float = 30.0
     sources: dict[str, str] = field(default_factory=dict, compare=False, repr=False)
 
     def describe(self) -> list[tuple[str, object, str]]:
@@ -70,6 +74,8 @@ _PARSERS: dict[str, Any] = {
     "max_attempts": int,
     "workers": int,
     "error_backoff": float,
+    "slow_request": float,
+    "flush_timeout": float,
 }
 ENV_PREFIX = "CASTORE_"
 

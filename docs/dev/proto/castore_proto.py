@@ -166,7 +166,6 @@ def install_so_interception() -> None:
         if os.path.exists(final):
             return orig_worker(lock_path, cpp_builders)  # no-op in torch
         for b in cpp_builders:  # about to compile: materialise any lazy PCH first
-            pch = b._build_option.precompiled_header if hasattr(b, "_build_option") else None
             for p in list(pending):
                 if p in b.get_command_line():
                     ensure_pch(p)
@@ -176,6 +175,29 @@ def install_so_interception() -> None:
             with _LOCK:
                 COUNTS["so_put"] += 1
 
+    # Generic fallback at CppBuilder.build: any other content-addressed build under
+    # cache_dir() (e.g. the VecISA probes in cpu_vec_isa.VecISA.check_build, ~6 g++ runs
+    # per fresh TORCHINDUCTOR_CACHE_DIR).
+    import torch._inductor.cpp_builder as cb
+    from torch._inductor.runtime.cache_dir_utils import cache_dir
+    orig_build = cb.CppBuilder.build
+
+    def build(self):
+        target = self.get_target_file_path()
+        eligible = (not self._preprocessing and not self._precompiling
+                    and os.path.abspath(target).startswith(cache_dir() + os.sep))
+        key = "cpp-build/" + torch.__version__ + "/" + os.path.relpath(target, cache_dir())
+        if eligible and not os.path.exists(target) and blob_get(key, target):
+            with _LOCK:
+                COUNTS["so_fetch"] += 1
+            return
+        orig_build(self)
+        if eligible and os.path.exists(target):
+            blob_put(key, target)
+            with _LOCK:
+                COUNTS["so_put"] += 1
+
+    cb.CppBuilder.build = build
     cc._worker_compile_cpp = worker_compile_cpp  # looked up as a global in load_async
     cc._precompile_header = lazy_precompile_header
 

@@ -12,3 +12,9 @@ run remote_B      B kv       # fresh machine, kv store only
 run coldso_C      C kv+so    # cold with .so interception -> uploads .so/.gch
 run remoteso_D    D kv+so    # fresh machine, kv + .so
 run remoteso_E    E kv+so    # another fresh machine
+# v2: with the CppBuilder.build fallback (ISA probes) -- new store
+export CASTORE_STORE=$R/store2
+run coldso2_G      G kv+so
+run remoteso2_H    H kv+so
+run remoteso2_I    I kv+so
+run warmlocal_I    I kv+so

@@ -1,0 +1,121 @@
+"""torch.compile on castore: PyTorch's caches and compiled kernels served from the store.
+
+    import castore.torch
+    castore.torch.install()            # or: CASTORE_URL=s3://... castore run -- python train.py
+
+Only this subpackage imports torch; it never imports boto3 (the store does, for s3:// URLs).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from typing import Any
+
+from castore.config import Config, load_config
+from castore.torch.session import StoreSession
+
+log = logging.getLogger("castore.torch")
+
+AUTOINSTALL_ENV = "CASTORE_TORCH_AUTOINSTALL"
+_AUTOLOAD_DIR = os.path.join(os.path.dirname(__file__), "_autoload")
+# Environment that makes every process of the job, Inductor's compile workers included, use the same caches.
+# The flags are part of PyTorch's cache keys: every machine of a fleet must set them alike, so castore does.
+TORCH_ENV = {
+    "TORCHINDUCTOR_FX_GRAPH_REMOTE_CACHE": "1",
+    "TORCHINDUCTOR_AUTOGRAD_REMOTE_CACHE": "1",
+    "TORCHINDUCTOR_AUTOTUNE_REMOTE_CACHE": "1",
+}
+
+_lock = threading.Lock()
+_active: dict[str, Any] = {}
+
+
+def default_namespace() -> str:
+    import torch
+
+    return "torch-" + torch.__version__
+
+
+def install(url: str | None = None, *, config: Config | None = None, namespace: str | None = None, **overrides: Any) -> StoreSession:
+    """Serve torch.compile's caches from castore in this process and in the processes it starts.
+
+    Idempotent: a second call returns the active session. Never raises for store problems: the store is
+    opened lazily and every failure falls back to a normal compile.
+    """
+    with _lock:
+        if "session" in _active:
+            return _active["session"]
+        if config is None:
+            config = load_config({"url": url, **overrides})
+        import torch  # noqa: F401 - the hooks below patch torch modules
+        import torch._dynamo.config
+        import torch._functorch.config
+        import torch._inductor.config
+
+        from castore.torch import artifacts, remote_caches
+
+        session = StoreSession(config, namespace or default_namespace())
+        previous = remote_caches.install(session)
+        torch._inductor.config.fx_graph_remote_cache = True
+        torch._inductor.config.autotune_remote_cache = True
+        torch._functorch.config.enable_remote_autograd_cache = True
+        if hasattr(torch._dynamo.config, "automatic_dynamic_remote_pgo"):
+            # Used only when TORCH_COMPILE_JOB_ID names the job, as PyTorch requires.
+            torch._dynamo.config.automatic_dynamic_remote_pgo = True
+        restore_artifacts = artifacts.install(session)
+        _export_environment(config, session.namespace)
+        _active.update(session=session, previous=previous, restore_artifacts=restore_artifacts)
+        log.info("castore: torch.compile caches served from %s (namespace %s)", config.url, session.namespace)
+        return session
+
+
+def uninstall() -> None:
+    """Undo install() in this process (tests)."""
+    with _lock:
+        if "session" not in _active:
+            return
+        from castore.torch import remote_caches
+
+        session: StoreSession = _active["session"]
+        session.flush(session.config.flush_timeout)
+        remote_caches.uninstall(_active["previous"])
+        _active["restore_artifacts"]()
+        os.environ.pop(AUTOINSTALL_ENV, None)
+        _active.clear()
+
+
+def active_session() -> StoreSession | None:
+    return _active.get("session")
+
+
+def stats() -> dict[str, object]:
+    """This process's counters: per cache and per layer (local layer, bucket)."""
+    session = active_session()
+    return session.stats.to_dict() if session else {}
+
+
+def _export_environment(config: Config, namespace: str) -> None:
+    env = os.environ
+    for name, value in TORCH_ENV.items():
+        env.setdefault(name, value)
+    for name, value, _ in config.describe():
+        env["CASTORE_" + name.upper()] = str(int(value) if isinstance(value, bool) else value)
+    env["CASTORE_NAMESPACE"] = namespace
+    env[AUTOINSTALL_ENV] = "1"
+    paths = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
+    if _AUTOLOAD_DIR not in paths:
+        env["PYTHONPATH"] = os.pathsep.join([_AUTOLOAD_DIR, *paths])
+
+
+def install_from_environment() -> StoreSession | None:
+    """Called in processes started under castore (``castore run``, compile workers)."""
+    try:
+        return install(namespace=os.environ.get("CASTORE_NAMESPACE") or None)
+    except Exception as exc:  # noqa: BLE001 - never break the user's process
+        log.warning("castore: could not install torch integration: %s", exc)
+        return None
+
+
+__all__ = ["StoreSession", "active_session", "default_namespace", "install", "install_from_environment", "stats", "uninstall"]

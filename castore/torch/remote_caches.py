@@ -1,0 +1,120 @@
+"""PyTorch's five remote caches, served by castore through ``RemoteCache.backend_override_cls``."""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import re
+from typing import Any
+
+from castore.torch.session import StoreSession
+
+log = logging.getLogger("castore.torch")
+
+# RemoteCache subclass in torch._inductor.remote_cache -> castore's name for the cache.
+CACHES = {
+    "RemoteFxGraphCache": "fx-graph",
+    "RemoteAOTAutogradCache": "aot-autograd",
+    "RemoteAutotuneCache": "autotune",
+    "RemoteBundledAutotuneCache": "bundled-autotune",
+    "RemoteDynamoPGOCache": "dynamo-pgo",
+}
+# castore cache -> MegaCache artifact type whose populate_cache() writes PyTorch's local cache entry.
+_LOCAL_ARTIFACT = {"fx-graph": "inductor", "aot-autograd": "aot_autograd"}
+_KEY_RE = re.compile(r"pt2:(?P<cache_id>.+?)::(?P<key>.+):c\d+")
+
+
+def make_backend_class(session: StoreSession, cache: str) -> type:
+    """A RemoteCacheBackend subclass bound to one castore cache name (a zero-argument factory for torch)."""
+    from torch._inductor.remote_cache import RemoteCacheBackend
+
+    class CastoreRemoteCacheBackend(RemoteCacheBackend[bytes]):
+        def __init__(self) -> None:
+            super().__init__()
+            self._name = f"backend:castore:{cache}"
+
+        def _get(self, key: str) -> bytes | None:
+            data = session.get(cache, key)
+            if data is not None:
+                _after_hit(session, cache, key, data)
+            return data
+
+        def _put(self, key: str, data: bytes) -> None:
+            session.put(cache, key, data, meta=session_meta())
+
+    CastoreRemoteCacheBackend.__name__ = CastoreRemoteCacheBackend.__qualname__ = f"Castore_{cache.replace('-', '_')}"
+    return CastoreRemoteCacheBackend
+
+
+_meta_cache: dict[str, object] | None = None
+
+
+def session_meta() -> dict[str, object]:
+    """What castore records about the writer's environment (FORMAT.md 'Metadata'); never part of a key."""
+    global _meta_cache
+    if _meta_cache is None:
+        import platform
+
+        import torch
+
+        meta: dict[str, object] = {
+            "torch": torch.__version__,
+            "python": platform.python_version(),
+            "platform": f"{platform.system()}-{platform.machine()}",
+            "cuda": torch.version.cuda or "",
+        }
+        try:
+            import triton
+
+            meta["triton"] = triton.__version__
+        except Exception:  # noqa: BLE001 - triton is optional
+            meta["triton"] = ""
+        try:
+            meta["device"] = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+        except Exception:  # noqa: BLE001
+            meta["device"] = "unknown"
+        _meta_cache = meta
+    return _meta_cache
+
+
+def _after_hit(session: StoreSession, cache: str, key: str, data: bytes) -> None:
+    """Count the compile time a hit saved, and write FX/AOT hits into PyTorch's local cache dirs."""
+    match = _KEY_RE.fullmatch(key)
+    try:
+        doc: Any = json.loads(data)
+    except ValueError:
+        return
+    if isinstance(doc, dict) and isinstance(doc.get("time_taken_ms"), (int, float)):
+        session.note_saved(cache, doc["time_taken_ms"] / 1000.0)
+    artifact_type = _LOCAL_ARTIFACT.get(cache)
+    if artifact_type is None or match is None or not isinstance(doc, dict) or "data" not in doc:
+        return
+    try:
+        from torch.compiler._cache import CacheArtifactFactory
+
+        content = base64.b64decode(doc["data"])
+        CacheArtifactFactory.create(artifact_type, match.group("key"), content).populate_cache()
+    except Exception as exc:  # noqa: BLE001 - the local copy is an optimisation only
+        log.debug("castore: could not write %s hit to the local cache: %s", cache, exc)
+
+
+def install(session: StoreSession) -> dict[str, Any]:
+    """Point every remote cache class at castore and switch the caches on. Returns what it changed."""
+    import torch._inductor.remote_cache as rc
+
+    previous = {}
+    for class_name, cache in CACHES.items():
+        cls = getattr(rc, class_name, None)
+        if cls is None:  # a cache this torch version does not have
+            continue
+        previous[class_name] = cls.backend_override_cls
+        cls.backend_override_cls = make_backend_class(session, cache)
+    return previous
+
+
+def uninstall(previous: dict[str, Any]) -> None:
+    import torch._inductor.remote_cache as rc
+
+    for class_name, override in previous.items():
+        getattr(rc, class_name).backend_override_cls = override

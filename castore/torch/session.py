@@ -1,0 +1,239 @@
+"""The torch integration's view of the store: never raises, bounds every wait, writes in the background.
+
+A store failure costs one warning, one bounded wait, and then the store is skipped for ``error_backoff``
+seconds (a circuit breaker), so a job whose bucket is down or slow compiles as if castore were absent.
+"""
+
+from __future__ import annotations
+
+import atexit
+import json
+import logging
+import os
+import queue
+import threading
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+
+from castore.config import Config
+from castore.errors import CastoreError, InvalidKeyError
+from castore.format import keys as keyfmt
+from castore.format.codec import sha256
+
+log = logging.getLogger("castore.torch")
+
+
+@dataclass
+class CacheCounters:
+    hits: int = 0
+    misses: int = 0
+    puts: int = 0
+    put_errors: int = 0
+    get_errors: int = 0
+    skipped: int = 0  # requests not made while the circuit breaker was open
+    bytes_read: int = 0
+    bytes_written: int = 0
+    seconds_saved: float = 0.0  # compile time the hits' writers reported
+    seconds_waited: float = 0.0  # time this process spent waiting on the store for gets
+
+
+@dataclass
+class SessionStats:
+    caches: dict[str, CacheCounters] = field(default_factory=lambda: defaultdict(CacheCounters))
+    local_hits: int = 0  # objects served by the node's local layer
+    bucket_fetches: int = 0  # objects fetched from the bucket
+
+    def to_dict(self) -> dict[str, object]:
+        return {
+            "caches": {name: asdict(c) for name, c in sorted(self.caches.items())},
+            "layers": {"local": {"hits": self.local_hits}, "bucket": {"fetches": self.bucket_fetches}},
+        }
+
+
+def castore_key(key: str) -> str:
+    """PyTorch's key when castore accepts it verbatim, else a digest of it (long or exotic keys)."""
+    try:
+        return keyfmt.validate_key(key)
+    except InvalidKeyError:
+        return "sha256-" + sha256(key.encode("utf-8", "surrogatepass")).hex()
+
+
+class StoreSession:
+    def __init__(self, config: Config, namespace: str, *, open_store: Callable[[], object] | None = None) -> None:
+        self.config = config
+        self.namespace = keyfmt.validate_namespace(namespace)
+        self._open_store = open_store
+        self._store = None
+        self._store_lock = threading.Lock()
+        self.stats = SessionStats()
+        self._stats_lock = threading.Lock()
+        self._disabled_until = 0.0
+        self._warned = False
+        self._queue: queue.Queue[tuple[str, str, bytes, dict[str, object]] | None] = queue.Queue()
+        self._writer: threading.Thread | None = None
+        self._pending = 0
+        self._pending_cv = threading.Condition()
+        atexit.register(self.close)
+
+    # -- plumbing --------------------------------------------------------------------------------
+    @property
+    def store(self):  # noqa: ANN201 - castore.Store, imported lazily
+        if self._store is None:
+            with self._store_lock:
+                if self._store is None:
+                    if self._open_store is not None:
+                        self._store = self._open_store()
+                    else:
+                        from castore import open_store
+
+                        self._store = open_store(config=self.config)
+        return self._store
+
+    def available(self) -> bool:
+        return time.monotonic() >= self._disabled_until
+
+    def _trip(self, what: str, exc: BaseException | str) -> None:
+        self._disabled_until = time.monotonic() + self.config.error_backoff
+        if not self._warned:
+            self._warned = True
+            log.warning(
+                "castore: %s failed (%s); compiling without the store for %.0f s", what, exc, self.config.error_backoff
+            )
+        else:
+            log.debug("castore: %s failed again: %s", what, exc)
+
+    def _counters(self, cache: str) -> CacheCounters:
+        return self.stats.caches[cache]
+
+    # -- reads -----------------------------------------------------------------------------------
+    def get(self, cache: str, key: str) -> bytes | None:
+        """The stored bytes for PyTorch's key, or None. Never raises."""
+        counters = self._counters(cache)
+        if not self.available():
+            with self._stats_lock:
+                counters.skipped += 1
+                counters.misses += 1
+            return None
+        start = time.monotonic()
+        try:
+            store = self.store
+            before = self._layer_snapshot(store)
+            data = store.get(self.namespace, castore_key(key))
+        except (CastoreError, OSError) as exc:
+            elapsed = time.monotonic() - start
+            with self._stats_lock:
+                counters.get_errors += 1
+                counters.misses += 1
+                counters.seconds_waited += elapsed
+            self._trip(f"get from {self.config.url}", exc)
+            return None
+        except Exception as exc:  # noqa: BLE001 - a backend must never break compilation
+            log.warning("castore: unexpected error in get: %r", exc, exc_info=True)
+            with self._stats_lock:
+                counters.get_errors += 1
+                counters.misses += 1
+            return None
+        elapsed = time.monotonic() - start
+        self._layer_account(store, before)
+        with self._stats_lock:
+            counters.seconds_waited += elapsed
+            if data is None:
+                counters.misses += 1
+            else:
+                counters.hits += 1
+                counters.bytes_read += len(data)
+        if elapsed > self.config.slow_request:
+            # A store this slow costs more than it saves: stop asking for a while.
+            self._trip(f"a get taking {elapsed:.1f} s (over slow_request={self.config.slow_request} s)", "slow store")
+        return data
+
+    def note_saved(self, cache: str, seconds: float) -> None:
+        with self._stats_lock:
+            self._counters(cache).seconds_saved += seconds
+
+    def _layer_snapshot(self, store) -> tuple[int, int] | None:  # noqa: ANN001
+        local = getattr(store, "local", None)
+        return (local.stats.hits, local.stats.misses) if local is not None else None
+
+    def _layer_account(self, store, before: tuple[int, int] | None) -> None:  # noqa: ANN001
+        local = getattr(store, "local", None)
+        if local is None or before is None:
+            return
+        with self._stats_lock:
+            self.stats.local_hits = local.stats.hits
+            self.stats.bucket_fetches = local.stats.misses
+
+    # -- writes (background) ---------------------------------------------------------------------
+    def put(self, cache: str, key: str, data: bytes, meta: dict[str, object] | None = None) -> None:
+        """Queue a write; returns at once. Never raises."""
+        if self.config.read_only:
+            return
+        if not self.available():
+            with self._stats_lock:
+                self._counters(cache).skipped += 1
+            return
+        with self._pending_cv:
+            self._pending += 1
+        if self._writer is None or not self._writer.is_alive():
+            self._writer = threading.Thread(target=self._write_loop, name="castore-writer", daemon=True)
+            self._writer.start()
+        self._queue.put((cache, key, bytes(data), dict(meta or {})))
+
+    def _write_loop(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            cache, key, data, meta = item
+            counters = self._counters(cache)
+            try:
+                if self.available():
+                    meta.setdefault("artifact", cache)
+                    self.store.put(self.namespace, castore_key(key), data, meta=meta, overwrite=True)
+                    with self._stats_lock:
+                        counters.puts += 1
+                        counters.bytes_written += len(data)
+                else:
+                    with self._stats_lock:
+                        counters.skipped += 1
+            except Exception as exc:  # noqa: BLE001 - writes may fail silently (counted, logged once)
+                with self._stats_lock:
+                    counters.put_errors += 1
+                self._trip(f"put to {self.config.url}", exc)
+            finally:
+                with self._pending_cv:
+                    self._pending -= 1
+                    self._pending_cv.notify_all()
+
+    def flush(self, timeout: float | None = None) -> bool:
+        """Wait until queued writes are done; False if ``timeout`` passed first."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._pending_cv:
+            while self._pending:
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    return False
+                self._pending_cv.wait(remaining)
+        return True
+
+    def close(self) -> None:
+        if not self.flush(self.config.flush_timeout):
+            log.warning("castore: %d writes still pending after %.0f s at exit; dropped", self._pending, self.config.flush_timeout)
+        self.record_stats()
+
+    # -- stats across processes -----------------------------------------------------------------
+    def record_stats(self) -> None:
+        """Append this process's counters under the cache dir, for `castore stats`."""
+        snapshot = self.stats.to_dict()
+        if not any(c["hits"] or c["misses"] or c["puts"] for c in snapshot["caches"].values()):  # type: ignore[union-attr]
+            return
+        directory = os.path.join(self.config.cache_dir, "stats")
+        try:
+            os.makedirs(directory, exist_ok=True)
+            record = {"time": time.time(), "pid": os.getpid(), "url": self.config.url, "namespace": self.namespace, **snapshot}
+            with open(os.path.join(directory, f"{os.getpid()}-{time.time_ns()}.json"), "w") as f:
+                json.dump(record, f)
+        except OSError as exc:
+            log.debug("castore: cannot record stats: %s", exc)
