@@ -167,6 +167,12 @@ def progress_bar(ctx: click.Context, total: int | None, desc: str) -> Iterator[C
         bar.close()
 
 
+def _binary_stream(name: str) -> Any:
+    """The binary side of sys.stdin / sys.stdout (whatever they are now: test runners swap them)."""
+    stream = getattr(sys, name)
+    return getattr(stream, "buffer", stream)
+
+
 def _stderr_is_tty() -> bool:
     try:
         return sys.stderr.isatty()
@@ -187,7 +193,11 @@ json_option = click.option("--json", "as_json", is_flag=True, help="Print machin
 
 
 class _LogHandler(logging.StreamHandler):
-    """castore's log lines go to the stderr of the current invocation."""
+    """castore's log lines go to whatever sys.stderr is when they are emitted (test runners swap it)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.stream = sys.stderr
+        super().emit(record)
 
 
 def _setup_logging(verbose: int) -> None:
@@ -263,7 +273,7 @@ def put(ctx: click.Context, namespace: str, key: str, path: str, force: bool, me
     validate_key(key)
     store = open_cli_store(ctx)
     if path == "-":
-        data = click.get_binary_stream("stdin").read()
+        data = _binary_stream("stdin").read()
         with progress_bar(ctx, len(data), f"put {key}") as progress:
             result = store.put(namespace, key, data, meta=meta, overwrite=force, progress=progress)
     elif os.path.isdir(path):
@@ -317,7 +327,7 @@ def get(ctx: click.Context, namespace: str, key: str, dest: str | None, as_json:
             data = store.get(namespace, key, progress=progress)
         if data is None:
             raise VerificationFailed(f"{namespace}/{key}: stored data is missing or corrupt (see warnings)")
-        out = click.get_binary_stream("stdout")
+        out = _binary_stream("stdout")
         out.write(data)
         out.flush()
         return
