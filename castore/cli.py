@@ -547,5 +547,8 @@ def config_cmd(ctx: click.Context, as_json: bool) -> None:
     emit(ctx, rows, lambda rs: "\n".join(f"{r['name']:<{width}}  {r['value']!s:<40}  ({r['source']})" for r in rs))
 
 
+# torch.compile commands (run, stats, demo) live in their own module and attach themselves to `main`.
+import castore.cli_torch  # noqa: E402,F401
+
 if __name__ == "__main__":  # pragma: no cover
     main(prog_name="castore")

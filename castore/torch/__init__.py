@@ -19,7 +19,7 @@ from castore.torch.session import StoreSession
 log = logging.getLogger("castore.torch")
 
 AUTOINSTALL_ENV = "CASTORE_TORCH_AUTOINSTALL"
-_AUTOLOAD_DIR = os.path.join(os.path.dirname(__file__), "_autoload")
+AUTOLOAD_DIR = os.path.join(os.path.dirname(__file__), "_autoload")
 # Environment that makes every process of the job, Inductor's compile workers included, use the same caches.
 # The flags are part of PyTorch's cache keys: every machine of a fleet must set them alike, so castore does.
 TORCH_ENV = {
@@ -96,17 +96,23 @@ def stats() -> dict[str, object]:
     return session.stats.to_dict() if session else {}
 
 
-def _export_environment(config: Config, namespace: str) -> None:
-    env = os.environ
+def job_environment(config: Config, namespace: str | None = None, base: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment under which every Python process of a job serves torch.compile from castore."""
+    env = dict(os.environ if base is None else base)
     for name, value in TORCH_ENV.items():
         env.setdefault(name, value)
     for name, value, _ in config.describe():
         env["CASTORE_" + name.upper()] = str(int(value) if isinstance(value, bool) else value)
-    env["CASTORE_NAMESPACE"] = namespace
+    if namespace:
+        env["CASTORE_NAMESPACE"] = namespace
     env[AUTOINSTALL_ENV] = "1"
-    paths = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
-    if _AUTOLOAD_DIR not in paths:
-        env["PYTHONPATH"] = os.pathsep.join([_AUTOLOAD_DIR, *paths])
+    paths = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p and p != AUTOLOAD_DIR]
+    env["PYTHONPATH"] = os.pathsep.join([AUTOLOAD_DIR, *paths])
+    return env
+
+
+def _export_environment(config: Config, namespace: str) -> None:
+    os.environ.update(job_environment(config, namespace))
 
 
 def install_from_environment() -> StoreSession | None:
@@ -118,4 +124,4 @@ def install_from_environment() -> StoreSession | None:
         return None
 
 
-__all__ = ["StoreSession", "active_session", "default_namespace", "install", "install_from_environment", "stats", "uninstall"]
+__all__ = ["StoreSession", "active_session", "default_namespace", "install", "install_from_environment", "job_environment", "stats", "uninstall"]
