@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import threading
 from typing import Any
 
@@ -113,6 +114,11 @@ def job_environment(config: Config, namespace: str | None = None, base: dict[str
 
 def _export_environment(config: Config, namespace: str) -> None:
     os.environ.update(job_environment(config, namespace))
+    # Inductor starts its compile workers with PYTHONPATH=os.pathsep.join(sys.path) (utils.python_subprocess_env),
+    # not with the environment's PYTHONPATH: the folder must be on this process's sys.path too, ahead of the
+    # standard library (which may hold the distribution's own sitecustomize).
+    if AUTOLOAD_DIR not in sys.path:
+        sys.path.insert(1 if sys.path else 0, AUTOLOAD_DIR)
 
 
 def install_from_environment() -> StoreSession | None:
