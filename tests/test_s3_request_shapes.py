@@ -165,11 +165,6 @@ def _attempts_header(max_attempts: int) -> bytes:
     return sent[0].headers["amz-sdk-request"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="core bug: S3Backend passes retries={'max_attempts': n}, which botocore reads as n retries "
-    "(n + 1 attempts); castore's max_attempts means attempts in total -> use 'total_max_attempts'",
-)
 def test_max_attempts_counts_every_attempt(aws) -> None:  # noqa: ANN001
     assert _attempts_header(3) == b"attempt=1; max=3"
 

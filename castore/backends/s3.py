@@ -66,7 +66,7 @@ class S3Backend(Backend):
             connect_timeout=connect_timeout,
             read_timeout=read_timeout,
             # 'standard' retries transient errors and throttling (503 SlowDown) with exponential backoff and jitter.
-            retries={"mode": "standard", "max_attempts": max_attempts},
+            retries={"mode": "standard", "total_max_attempts": max_attempts},  # attempts in all, first included
             max_pool_connections=max_concurrency,
             s3={"addressing_style": "path"} if endpoint else None,
             # Checksums on every request cost a full extra hash; castore verifies every chunk by SHA-256 itself.
