@@ -549,6 +549,7 @@ def config_cmd(ctx: click.Context, as_json: bool) -> None:
 
 # torch.compile commands (run, stats, demo) live in their own module and attach themselves to `main`.
 import castore.cli_torch  # noqa: E402,F401
+import castore.cli_bench  # noqa: E402,F401
 
 if __name__ == "__main__":  # pragma: no cover
     main(prog_name="castore")

@@ -1,9 +1,11 @@
 """One timed torch.compile run, as a separate process would see it. Used by `castore demo` and the benchmarks.
 
     python -m castore.torch.demo_model --model transformer --mode train [--castore]
+    python -m castore.torch.demo_model --model gpt2 --mode infer --device cuda --save-megacache bundle.bin
 
 Prints one JSON line: seconds from interpreter start to the first compiled output, the compile part alone,
-PyTorch's cache counters, castore's counters and how many times a C++ compiler ran.
+PyTorch's cache counters, castore's counters and how many times a C++ compiler ran. On CUDA it also counts
+Triton kernel compiles (ptxas runs, compile workers included) and autotuning calls (in this process).
 """
 
 from __future__ import annotations
@@ -11,34 +13,63 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
+import stat
+import tempfile
 import time
+from typing import Any
 
 _T_START = time.time()
 
+CPU_MODELS = ["transformer", "cnn", "mlp"]
+GPU_MODELS = ["gpt2", "gpt2-autotune", "resnet50"]
+MODELS = CPU_MODELS + GPU_MODELS
+PTXAS_COUNT_ENV = "CASTORE_PTXAS_COUNT_FILE"
 
-def build(model: str, mode: str, device: str):  # noqa: ANN201
+
+def build(model: str, mode: str, device: str, *, layers: int | None = None, batch: int | None = None):  # noqa: ANN201
+    """(module, example input) for a model name; GPU models run in bf16 on CUDA."""
     import torch
     from torch import nn
 
     torch.manual_seed(0)
+    dtype = None
     if model == "transformer":
         layer = nn.TransformerEncoderLayer(d_model=128, nhead=4, dim_feedforward=256, batch_first=True, dropout=0.0)
-        net = nn.TransformerEncoder(layer, num_layers=2, enable_nested_tensor=False)
-        example = torch.randn(4, 32, 128)
+        net = nn.TransformerEncoder(layer, num_layers=layers or 2, enable_nested_tensor=False)
+        example = torch.randn(batch or 4, 32, 128)
     elif model == "cnn":
         net = nn.Sequential(
             nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
             nn.Conv2d(16, 32, 3, padding=1, stride=2), nn.BatchNorm2d(32), nn.ReLU(),
             nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 10),
         )
-        example = torch.randn(8, 3, 32, 32)
+        example = torch.randn(batch or 8, 3, 32, 32)
     elif model == "mlp":
-        net = nn.Sequential(*[nn.Sequential(nn.Linear(256, 256), nn.GELU(), nn.LayerNorm(256)) for _ in range(3)])
-        example = torch.randn(32, 256)
+        net = nn.Sequential(*[nn.Sequential(nn.Linear(256, 256), nn.GELU(), nn.LayerNorm(256)) for _ in range(layers or 3)])
+        example = torch.randn(batch or 32, 256)
+    elif model in ("gpt2", "gpt2-autotune"):
+        from transformers import GPT2Config, GPT2LMHeadModel  # random init: no download
+
+        config = GPT2Config(n_layer=layers or 12)
+        config.use_cache = False
+        net = GPT2LMHeadModel(config)
+        example = torch.randint(0, config.vocab_size, (batch or 4, 256))
+        dtype = torch.bfloat16 if device != "cpu" else None
+    elif model == "resnet50":
+        import torchvision
+
+        net = torchvision.models.resnet50(weights=None)
+        example = torch.randn(batch or 16, 3, 224, 224)
+        dtype = torch.bfloat16 if device != "cpu" else None
     else:
         raise SystemExit(f"unknown model {model!r}")
     net = net.to(device)
     example = example.to(device)
+    if dtype is not None:
+        net = net.to(dtype)
+        if example.is_floating_point():
+            example = example.to(dtype)
     if mode == "train":
         net.train()
     else:
@@ -46,35 +77,171 @@ def build(model: str, mode: str, device: str):  # noqa: ANN201
     return net, example
 
 
+def _logits(out: Any) -> Any:
+    return out.logits if hasattr(out, "logits") else out
+
+
+# -- GPU proof: count Triton compiles and autotuning -------------------------------------------------
+def _real_ptxas() -> str | None:
+    """The ptxas Triton would run: $TRITON_PTXAS_PATH, else the one bundled with Triton."""
+    explicit = os.environ.get("TRITON_PTXAS_PATH")
+    if explicit and os.access(explicit, os.X_OK):
+        return explicit
+    try:
+        import importlib.util
+
+        spec = importlib.util.find_spec("triton")
+    except (ImportError, ValueError):
+        return None
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    root = list(spec.submodule_search_locations)[0]
+    candidates = [os.path.join(root, "backends", "nvidia", "bin", "ptxas")]
+    try:  # Triton >= 3.3 names it in its knobs
+        from triton import knobs
+
+        descriptor = type(knobs.nvidia).__dict__.get("ptxas")
+        if descriptor is not None and getattr(descriptor, "default_path", None):
+            candidates.insert(0, descriptor.default_path)
+    except Exception:  # noqa: BLE001 - older Triton
+        pass
+    import shutil
+
+    candidates.append(shutil.which("ptxas") or "")
+    return next((c for c in candidates if c and os.access(c, os.X_OK)), None)
+
+
+def install_ptxas_counter() -> str | None:
+    """Point TRITON_PTXAS_PATH at a wrapper that appends a line per compile to $CASTORE_PTXAS_COUNT_FILE.
+
+    Set in os.environ before Triton reads it, so Inductor's compile workers (subprocesses) inherit it.
+    ``ptxas --version`` (Triton's version probe) is not counted. Returns the count file, or None.
+    """
+    real = _real_ptxas()
+    if real is None:
+        return None
+    work = tempfile.mkdtemp(prefix="castore-ptxas-")
+    count_file = os.environ.get(PTXAS_COUNT_ENV) or os.path.join(work, "ptxas.count")
+    open(count_file, "a").close()
+    wrapper = os.path.join(work, "ptxas")
+    with open(wrapper, "w") as f:
+        f.write(
+            "#!/bin/sh\n"
+            'case " $* " in *" --version "*) ;; *) echo "$$" >> "$' + PTXAS_COUNT_ENV + '" ;; esac\n'
+            f'exec "{real}" "$@"\n'
+        )
+    os.chmod(wrapper, os.stat(wrapper).st_mode | stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH)
+    os.environ[PTXAS_COUNT_ENV] = count_file
+    os.environ["TRITON_PTXAS_PATH"] = wrapper
+    return count_file
+
+
+def _count_lines(path: str | None) -> int | None:
+    if not path:
+        return None
+    try:
+        with open(path) as f:
+            return sum(1 for _ in f)
+    except OSError:
+        return None
+
+
+AUTOTUNE_ENTRY_POINTS = [
+    ("torch._inductor.runtime.triton_heuristics", "CachingAutotuner", "benchmark_all_configs"),
+    ("torch._inductor.runtime.coordinate_descent_tuner", "CoordescTuner", "autotune"),
+    ("torch._inductor.select_algorithm", "AlgorithmSelectorCache", "autotune"),
+    ("torch._inductor.select_algorithm", "AlgorithmSelectorCache", "benchmark_in_current_process"),
+    ("torch._inductor.select_algorithm", "AlgorithmSelectorCache", "benchmark_in_sub_process"),
+]
+
+
+def install_autotune_counters() -> dict[str, int]:
+    """Wrap PyTorch's autotuning entry points (those present in this version) with call counters."""
+    import functools
+    import importlib
+    import inspect
+
+    counts: dict[str, int] = {}
+    for module_name, cls_name, attr in AUTOTUNE_ENTRY_POINTS:
+        try:
+            cls = getattr(importlib.import_module(module_name), cls_name)
+            raw = inspect.getattr_static(cls, attr)
+        except (ImportError, AttributeError):
+            continue
+        name = f"{cls_name}.{attr}"
+        counts[name] = 0
+        kind = classmethod if isinstance(raw, classmethod) else staticmethod if isinstance(raw, staticmethod) else None
+        fn = raw.__func__ if kind else raw
+
+        def make(fn: Any, name: str) -> Any:
+            @functools.wraps(fn)
+            def counted(*a: Any, **kw: Any) -> Any:
+                counts[name] += 1
+                return fn(*a, **kw)
+
+            return counted
+
+        wrapped = make(fn, name)
+        setattr(cls, attr, kind(wrapped) if kind else wrapped)
+    return counts
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--model", default="transformer", choices=["transformer", "cnn", "mlp"])
+    parser.add_argument("--model", default="transformer", choices=MODELS)
     parser.add_argument("--mode", default="train", choices=["train", "infer"])
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--castore", action="store_true", help="serve the caches from castore (castore.torch.install())")
+    parser.add_argument("--layers", type=int, default=None, help="number of layers (transformer, mlp, gpt2)")
+    parser.add_argument("--batch", type=int, default=None, help="batch size of the example input")
+    parser.add_argument("--save-megacache", metavar="PATH", help="after the first output, write torch.compiler.save_cache_artifacts() here")
+    parser.add_argument("--load-megacache", metavar="PATH", help="torch.compiler.load_cache_artifacts() of PATH before compiling (timed)")
     args = parser.parse_args(argv)
+
+    cuda = args.device.startswith("cuda")
+    ptxas_count_file = install_ptxas_counter() if cuda else None
 
     import torch
 
+    autotune_counts = install_autotune_counters() if cuda else {}
     session = None
     if args.castore:
         import castore.torch
 
         session = castore.torch.install()
     t_ready = time.time()
-    net, example = build(args.model, args.mode, args.device)
-    compiled = torch.compile(net)
+    net, example = build(args.model, args.mode, args.device, layers=args.layers, batch=args.batch)
+    if cuda:
+        torch.cuda.synchronize()
     t_compile = time.time()
+    megacache_load = None
+    if args.load_megacache:
+        with open(args.load_megacache, "rb") as f:
+            blob = f.read()
+        torch.compiler.load_cache_artifacts(blob)
+        megacache_load = {"seconds": round(time.time() - t_compile, 3), "bytes": len(blob)}
+    if args.model == "gpt2-autotune":
+        import torch._inductor.config
+
+        torch._inductor.config.coordinate_descent_tuning = True
+        compiled = torch.compile(net, mode="max-autotune-no-cudagraphs")
+    else:
+        compiled = torch.compile(net)
     if args.mode == "train":
-        out = compiled(example)
-        out.float().pow(2).mean().backward()
+        if args.model.startswith("gpt2"):
+            out = compiled(example, labels=example)
+            loss = out.loss
+        else:
+            out = compiled(example)
+            loss = _logits(out).float().pow(2).mean()
+        loss.backward()
         grads = [p.grad for p in net.parameters() if p.grad is not None]
-        digest_src = [out.detach()] + grads
+        digest_src = [_logits(out).detach()] + grads[:4] + grads[-4:]
     else:
         with torch.no_grad():
             out = compiled(example)
-        digest_src = [out]
-    if args.device != "cpu":
+        digest_src = [_logits(out)]
+    if cuda:
         torch.cuda.synchronize()
     t_first = time.time()
 
@@ -83,7 +250,7 @@ def main(argv: list[str] | None = None) -> None:
     h = hashlib.sha256()
     for t in digest_src:
         h.update(t.detach().float().cpu().numpy().round(4).tobytes())
-    result = {
+    result: dict[str, Any] = {
         "model": args.model,
         "mode": args.mode,
         "seconds_to_first_output": round(t_first - _T_START, 3),
@@ -92,7 +259,27 @@ def main(argv: list[str] | None = None) -> None:
         "fxgraph": {k: v for k, v in counters["inductor"].items() if k.startswith("fxgraph")},
         "aot_autograd": {k: v for k, v in counters["aot_autograd"].items() if k.startswith("autograd_cache")},
         "output_digest": h.hexdigest()[:16],
+        "device": args.device,
+        "device_name": torch.cuda.get_device_name() if cuda else "cpu",
+        "torch": torch.__version__,
+        "layers": args.layers,
+        "batch": args.batch,
     }
+    if cuda:
+        result["triton_compiles"] = _count_lines(ptxas_count_file)
+        result["autotune_calls"] = dict(autotune_counts)
+        result["autotune_calls_total"] = sum(autotune_counts.values())
+    if megacache_load is not None:
+        result["megacache_load"] = megacache_load
+    if args.save_megacache:
+        saved = torch.compiler.save_cache_artifacts()
+        if saved is not None:
+            blob, _info = saved
+            with open(args.save_megacache, "wb") as f:
+                f.write(blob)
+            result["megacache_saved_bytes"] = len(blob)
+        else:
+            result["megacache_saved_bytes"] = 0
     if session is not None:
         import castore.torch
         from castore.torch import artifacts

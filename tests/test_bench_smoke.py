@@ -1,0 +1,47 @@
+"""Smoke test of the hot-load benchmark (issue 4): `castore bench --quick` with a tiny model, end to end.
+
+Runs real processes (cold, warm-local, and castore-hot against a SeaweedFS it starts itself); keep it < 90 s.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+
+def test_bench_quick_writes_json_markdown_chart_and_ratios(tmp_path) -> None:  # noqa: ANN001
+    out = tmp_path / "results"
+    proc = subprocess.run(
+        [sys.executable, "-m", "castore.bench.hot_load", "--quick", "--models", "mlp:infer", "--layers", "1", "--batch", "8",
+         "--out", str(out), "--work-dir", str(tmp_path), "--timeout", "240"],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    # The markdown table is printed last.
+    assert proc.stdout.strip().splitlines()[0].startswith("### Hot load")
+    assert "| mlp:infer | castore-hot |" in proc.stdout
+
+    report = json.loads((out / "hot_load.json").read_text())
+    assert (out / "hot_load.md").read_text().strip() == proc.stdout.strip()
+    png = (out / "hot_load.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 1000
+    assert report["repeats"] == 1 and report["modes"] == ["cold", "warm-local", "castore-hot"]
+    assert report["note"]  # CPU numbers are noisy, and the JSON says so
+    rows = {r["mode"]: r for r in report["summary"]}
+    assert set(rows) >= {"cold", "warm-local", "castore-hot", "castore-cold"}
+    for mode in ("cold", "warm-local", "castore-hot"):
+        row = rows[mode]
+        assert row["ok"] == 1, (mode, row["errors"], report["runs"])
+        assert row["first_output_s"]["min"] <= row["first_output_s"]["median"] <= row["first_output_s"]["max"]
+        assert row["first_output_over_warm_local"] is not None and row["first_output_over_cold"] is not None
+    assert rows["cold"]["first_output_over_cold"] == 1.0 and rows["warm-local"]["first_output_over_warm_local"] == 1.0
+    hot = rows["castore-hot"]
+    expected = hot["first_output_s"]["median"] / rows["warm-local"]["first_output_s"]["median"]
+    assert abs(hot["first_output_over_warm_local"] - expected) < 0.01
+    assert hot["digests_match_cold"] is True  # same outputs as the cold compile
+    # (No assertion on hits: on an overloaded machine castore's slow-request breaker may skip the store.)
+    # Raw per-process JSON is kept too.
+    raw = sorted(p.name for p in (out / "raw").iterdir())
+    assert any(name.startswith("mlp_infer-castore-hot-0") for name in raw), raw
+    assert all(json.loads((out / "raw" / name).read_text())["result"] for name in raw)
