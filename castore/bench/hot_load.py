@@ -52,6 +52,7 @@ DEDUP_VARIANTS = {  # (layers, batch): one model, two depths and two batch sizes
     "cuda": ("gpt2", [(6, 4), (12, 4), (6, 8), (12, 8)]),
 }
 REDIS_FLAGS = ("TORCHINDUCTOR_FX_GRAPH_REMOTE_CACHE", "TORCHINDUCTOR_AUTOGRAD_REMOTE_CACHE", "TORCHINDUCTOR_AUTOTUNE_REMOTE_CACHE")
+BREAKER_MESSAGE = "compiling without the store"  # castore's log line when its circuit breaker opens
 NOISE_NOTE = (
     "CPU numbers come from a shared 2-core machine on which other engineers ran CPU-heavy tests at the same time: "
     "absolute seconds are noisy (see min/max); repeats are interleaved across modes so that the load hits all modes alike."
@@ -170,9 +171,11 @@ class Run:
     result: dict[str, Any] | None = None
     stderr_tail: str = ""
     argv: list[str] = field(default_factory=list)
+    breaker: bool = False  # castore said it compiled without the store (circuit breaker opened)
 
     def to_dict(self) -> dict[str, Any]:
-        return {k: getattr(self, k) for k in ("model", "mode", "repeat", "ok", "returncode", "wall_seconds", "error", "argv", "result", "stderr_tail")}
+        keys = ("model", "mode", "repeat", "ok", "returncode", "wall_seconds", "error", "breaker", "argv", "result", "stderr_tail")
+        return {k: getattr(self, k) for k in keys}
 
 
 def run_process(python: str, args: list[str], env: dict[str, str], timeout: float, cwd: str | None = None) -> tuple[int | None, str, str, float, str | None]:
@@ -263,6 +266,7 @@ class HotLoadBench:
         rc, out, err, wall, error = run_process(self.python, args, env, self.opts.timeout, cwd=self.work)
         run.returncode, run.wall_seconds, run.error = rc, round(wall, 3), error
         run.stderr_tail = err[-4000:] if err else ""
+        run.breaker = BREAKER_MESSAGE in (err or "")
         run.result = _last_json(out)
         if error is None and rc != 0:
             run.error = f"exit status {rc}"
@@ -514,6 +518,9 @@ def summarize(runs: list[Run], models: list[str], modes: list[str]) -> list[dict
                 "triton_compiles": _median_of(ok, lambda x: x["triton_compiles"]),
                 "autotune_calls": _median_of(ok, lambda x: x["autotune_calls_total"]),
                 "megacache_load_s": _median_of(ok, lambda x: x["megacache_load"]["seconds"]),
+                # lookups castore skipped (circuit breaker open after a store error or a get over slow_request)
+                "castore_skipped": _median_of(ok, lambda x: sum(c.get("skipped", 0) for c in x["castore"]["caches"].values())),
+                "castore_breaker_runs": sum(1 for r in ok if r.breaker or BREAKER_MESSAGE in r.stderr_tail) if mode.startswith("castore") else None,
                 "populating_run": mode in POPULATE_MODES.values(),
             }
             by_mode[mode] = row
@@ -542,21 +549,28 @@ def _fmt_n(v: float | None) -> str:
     return "–" if v is None else (f"{v:g}")
 
 
+def _fmt_breaker(row: dict[str, Any]) -> str:
+    if row.get("castore_breaker_runs") is None:
+        return "–"
+    return f"{_fmt_n(row.get('castore_skipped'))} (breaker in {row['castore_breaker_runs']}/{row['ok']})"
+
+
 def markdown(report: dict[str, Any]) -> str:
     m = report["machine"]
     lines = [
         f"### Hot load: {report['machine_slug']} (torch {m.get('torch')}, {m.get('device_name') or str(m.get('cpus')) + ' CPUs'}), "
         f"{report['repeats']} processes per mode, medians (min–max)",
         "",
-        "| model | mode | ok | first output s | compile s | ×warm-local | ×cold | FX hits | C++ runs | Triton compiles | autotune calls |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| model | mode | ok | first output s | compile s | ×warm-local | ×cold | FX hits | C++ runs | Triton compiles | autotune calls | store skipped |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in report["summary"]:
         name = row["mode"] + (" (populate)" if row["populating_run"] else "")
         lines.append(
             f"| {row['model']} | {name} | {row['ok']}/{row['runs']} | {_fmt_s(row['first_output_s'])} | {_fmt_s(row['compile_s'])} "
             f"| {_fmt_x(row['first_output_over_warm_local'])} | {_fmt_x(row['first_output_over_cold'])} | {_fmt_n(row['fx_hits'])} "
-            f"| {_fmt_n(row['compiler_runs'])} | {_fmt_n(row['triton_compiles'])} | {_fmt_n(row['autotune_calls'])} |"
+            f"| {_fmt_n(row['compiler_runs'])} | {_fmt_n(row['triton_compiles'])} | {_fmt_n(row['autotune_calls'])} "
+            f"| {_fmt_breaker(row)} |"
         )
     dd = report.get("dedup")
     if dd and dd.get("stored_bytes"):
@@ -570,7 +584,13 @@ def markdown(report: dict[str, Any]) -> str:
         lines += ["", f"Dedup: {dd.get('error', 'no result')}"]
     if report.get("note"):
         lines += ["", f"Note: {report['note']}"]
-    lines += ["", "×warm-local and ×cold: median time to first output of the mode divided by that of warm-local / cold, same run."]
+    lines += [
+        "",
+        "×warm-local and ×cold: median time to first output of the mode divided by that of warm-local / cold, same run. "
+        "FX hits, C++ runs (castore modes), Triton compiles (ptxas runs) and autotune calls (GPU): medians per process. "
+        "Store skipped: castore lookups skipped because its circuit breaker was open (a store error, or a get slower than "
+        "slow_request), and in how many processes the breaker opened.",
+    ]
     return "\n".join(lines)
 
 
@@ -634,12 +654,22 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--python", help="interpreter of the measured processes (default: this one)")
     p.add_argument("--work-dir", help="where the per-process machine dirs go (default: system temp)")
     p.add_argument("--keep-work", action="store_true", help="keep the per-process dirs")
+    p.add_argument("--rebuild", metavar="DIR", help="only recompute summary, markdown and chart from DIR/hot_load.json")
     p.add_argument("--note", help="free text stored in the JSON (default: a noise note on CPU)")
     return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     opts = parse_args(argv)
+    if opts.rebuild:
+        with open(os.path.join(opts.rebuild, "hot_load.json")) as f:
+            report = json.load(f)
+        runs = [Run(**{k: v for k, v in r.items()}) for r in report["runs"]]
+        report["summary"] = summarize(runs, report["models"], report["modes"])
+        if opts.note is not None:
+            report["note"] = opts.note
+        print(write_report(report, opts.rebuild, say=lambda m: print(m, file=sys.stderr)), flush=True)
+        return 0
     python = opts.python or sys.executable
     info = probe_machine(python)
     if opts.device == "auto":
@@ -699,20 +729,25 @@ def main(argv: list[str] | None = None) -> int:
         "dedup": dedup_result,
         "runs": [r.to_dict() | {"stderr_tail": r.stderr_tail[-1500:]} for r in bench.runs],
     }
-    json_path = os.path.join(opts.out, "hot_load.json")
-    md_path = os.path.join(opts.out, "hot_load.md")
-    png_path = os.path.join(opts.out, "hot_load.png")
+    print(write_report(report, opts.out, bench.say), flush=True)
+    return 0
+
+
+def write_report(report: dict[str, Any], out: str, say: Any) -> str:
+    """hot_load.json, hot_load.md and hot_load.png under out; returns the markdown table."""
+    json_path = os.path.join(out, "hot_load.json")
+    md_path = os.path.join(out, "hot_load.md")
+    png_path = os.path.join(out, "hot_load.png")
     table = markdown(report)
-    report["files"] = {"json": json_path, "markdown": md_path, "chart": png_path, "raw": raw_dir}
+    report["files"] = {"json": json_path, "markdown": md_path, "chart": png_path, "raw": os.path.join(out, "raw")}
     with open(json_path, "w") as f:
         json.dump(report, f, indent=1)
     with open(md_path, "w") as f:
         f.write(table + "\n")
     if chart(report, png_path) is None:
-        bench.say("matplotlib unavailable: no chart")
-    bench.say(f"wrote {json_path}, {md_path}, {png_path}")
-    print(table, flush=True)
-    return 0
+        say("matplotlib unavailable: no chart")
+    say(f"wrote {json_path}, {md_path}, {png_path}")
+    return table
 
 
 if __name__ == "__main__":
