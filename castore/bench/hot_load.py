@@ -63,7 +63,7 @@ NOISE_NOTE = (
 def _is_cache_var(name: str) -> bool:
     return (
         name.startswith("CASTORE_")
-        or name in ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR", "TMPDIR", "TORCH_COMPILE_JOB_ID", "TRITON_PTXAS_PATH")
+        or name in ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR", "TMPDIR", "TORCH_COMPILE_JOB_ID")
         or (name.startswith("TORCHINDUCTOR_") and ("REMOTE" in name or "REDIS" in name))
         or name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3")
     )
@@ -654,6 +654,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--python", help="interpreter of the measured processes (default: this one)")
     p.add_argument("--work-dir", help="where the per-process machine dirs go (default: system temp)")
     p.add_argument("--keep-work", action="store_true", help="keep the per-process dirs")
+    p.add_argument("--append", action="store_true", help="keep the runs of other models already in OUT/hot_load.json (split a long run into several commands)")
     p.add_argument("--rebuild", metavar="DIR", help="only recompute summary, markdown and chart from DIR/hot_load.json")
     p.add_argument("--note", help="free text stored in the JSON (default: a noise note on CPU)")
     return p.parse_args(argv)
@@ -677,10 +678,11 @@ def main(argv: list[str] | None = None) -> int:
     device_kind = "cuda" if opts.device.startswith("cuda") else "cpu"
     slug = machine_slug(info, opts.device)
     models = [m.strip() for m in opts.models.split(",")] if opts.models else list(GPU_MODELS if device_kind == "cuda" else CPU_MODELS)
-    models = [m if ":" in m else m + ":infer" for m in models if m]
+    models = [m if ":" in m else m + ":infer" for m in models if m and m != "none"]  # none: --dedup (and --append) only
     if opts.quick:
         if not opts.models:
             models = [models[0].split(":")[0] + ":infer"]
+        models = models[:1]
         opts.repeats = 1
     modes = [m.strip() for m in opts.modes.split(",")] if opts.modes else list(QUICK_MODES if opts.quick else MODES)
     unknown = set(modes) - set(MODES)
@@ -690,7 +692,11 @@ def main(argv: list[str] | None = None) -> int:
     opts.out = opts.out or os.path.join("benchmarks", "results", slug)
     os.makedirs(opts.out, exist_ok=True)
     raw_dir = os.path.join(opts.out, "raw")
-    if os.path.isdir(raw_dir):
+    previous: dict[str, Any] | None = None
+    if opts.append and os.path.exists(os.path.join(opts.out, "hot_load.json")):
+        with open(os.path.join(opts.out, "hot_load.json")) as f:
+            previous = json.load(f)
+    elif os.path.isdir(raw_dir):
         shutil.rmtree(raw_dir)
     bench = HotLoadBench(opts)
     started = time.time()
@@ -707,6 +713,13 @@ def main(argv: list[str] | None = None) -> int:
         bench.stop_servers()
         if not opts.keep_work:
             shutil.rmtree(bench.work, ignore_errors=True)
+    if previous is not None:  # runs of the other models, from earlier commands
+        kept = [r for r in previous.get("runs", []) if r["model"] not in models]
+        bench.runs[:0] = [Run(**r) for r in kept]
+        models = [m for m in previous.get("models", []) if m not in models] + models
+        modes = [m for m in MODES if m in set(modes) | set(previous.get("modes", []))]
+        if dedup_result is None:
+            dedup_result = previous.get("dedup")
     note = opts.note if opts.note is not None else (NOISE_NOTE if device_kind == "cpu" else "")
     report: dict[str, Any] = {
         "benchmark": "hot_load",
