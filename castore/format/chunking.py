@@ -1,8 +1,10 @@
 """Content-defined chunking (FastCDC 2020, via pyfastcdc).
 
 Two size classes: artifacts (almost every compile artifact is under a few MiB) are cut near 64 KiB so that
-related artifacts share chunks; large blobs are cut near 1 MiB so a 256 MiB bundle is 256 requests, not
-4096. The parameters are written into each manifest, so readers never need to know this policy.
+related artifacts share chunks; large blobs are cut near 4 MiB so a 256 MiB bundle is ~64 requests, not
+4096 (at 1 MiB, per-request overhead held a get of 256 MiB to ~0.7x of one boto3 download_fileobj; at 4 MiB
+it is ~0.9x, see benchmarks/store_throughput.py). The parameters are written into each manifest, so readers
+never need to know this policy.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ class ChunkerParams:
 
 
 SMALL = ChunkerParams(min_size=16 << 10, avg_size=64 << 10, max_size=256 << 10)
-LARGE = ChunkerParams(min_size=256 << 10, avg_size=1 << 20, max_size=4 << 20)
+LARGE = ChunkerParams(min_size=1 << 20, avg_size=4 << 20, max_size=8 << 20)  # pyfastcdc: min <= 1 MiB
 # Blobs at least this large use LARGE. Chosen by benchmarks/store_throughput.py (see README).
 LARGE_BLOB_THRESHOLD = 32 << 20
 
