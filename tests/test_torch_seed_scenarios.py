@@ -75,6 +75,7 @@ def clone_grad(*ts):  # noqa: ANN002, ANN201
 
 
 # ----------------------------------------------------------------------------------------------------------------
+@pytest.mark.slow  # the first compile of the process (ISA probes, precompiled header): 20-45 s on 2 cores
 def test_basic(fleet: Fleet) -> None:
     def fn(x, y):  # noqa: ANN001, ANN202
         return (x * 2, y @ y)
@@ -129,7 +130,6 @@ def _fwd_bwd_hit(fleet: Fleet, fn) -> None:  # noqa: ANN001
     assert m.bucket_fetches() > 0
 
 
-@pytest.mark.slow
 def test_vmap(fleet: Fleet) -> None:
     def fn(x, y):  # noqa: ANN001, ANN202
         f = lambda x, y: (x * y + 1).sum(dim=0)  # noqa: E731
@@ -138,7 +138,6 @@ def test_vmap(fleet: Fleet) -> None:
     _fwd_bwd_hit(fleet, fn)
 
 
-@pytest.mark.slow
 def test_autograd_function(fleet: Fleet) -> None:
     def fn(a, b):  # noqa: ANN001, ANN202
         return a.sin() + b
@@ -190,7 +189,6 @@ def test_autograd_lazy_backward(fleet: Fleet) -> None:
     assert (m.hits("aot-autograd"), m.hits("fx-graph")) == (1, 2)
 
 
-@pytest.mark.slow
 def test_multi_graph_specialization(fleet: Fleet) -> None:
     """Dynamic shapes: one dynamic graph plus two specializations, all three served from the bucket."""
 
@@ -214,7 +212,6 @@ def test_multi_graph_specialization(fleet: Fleet) -> None:
     assert m.hits("fx-graph") == 3
 
 
-@pytest.mark.slow
 def test_clear_fx_graph_cache(fleet: Fleet) -> None:
     """Deleting the FX graphs from the bucket: the AOT entry still hits, its FX graph misses, so AOT counts a miss,
     recompiles and saves again (the seed's non-bundled expectation)."""
@@ -363,7 +360,6 @@ def test_unsafe_mark_cacheable(fleet: Fleet) -> None:
     run("f", "key1", miss=2, hit=3)  # key1's entry is still in the bucket
 
 
-@pytest.mark.slow
 @functorch_config.patch({"view_replay_for_aliased_outputs": True})
 def test_view_replay(fleet: Fleet) -> None:
     def fn(a):  # noqa: ANN001, ANN202
@@ -389,3 +385,91 @@ def test_view_replay(fleet: Fleet) -> None:
     run_and_check("a", miss=1, hit=0, bypass=0)
     run_and_check("b", miss=1, hit=1, bypass=0)
     run_and_check("c", miss=1, hit=2, bypass=0)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "dynamic",
+    [
+        False,
+        pytest.param(
+            True,
+            marks=pytest.mark.xfail(
+                strict=True,
+                reason="torch 2.13: with dynamic=True the first compile of fn gets a different AOTAutograd key than its "
+                "recompiles after dynamo.reset() and cleared caches (reproduced without castore, fresh cache dirs): "
+                "machine b misses, and the seed's phase-1-to-phase-3 hot-load hit does not hold either",
+            ),
+        ),
+    ],
+)
+def test_cache_hot_load(fleet: Fleet, dynamic: bool) -> None:
+    """MegaCache through the bucket: save_cache_artifacts() on machine a, the bundle stored with Store.put, fetched
+    and load_cache_artifacts()'d on a fresh machine c, which then hits locally (no remote FX/AOT get).
+
+    Differs from the seed's middle phase ("we did not load anything so don't hit yet"): with castore installed a
+    fresh machine b that loads nothing still hits, from the bucket."""
+
+    def fn(x, y):  # noqa: ANN001, ANN202
+        return x.sin() @ y
+
+    a = torch.rand(100, 100, requires_grad=True)
+    b = torch.rand(100, 100, requires_grad=True)
+
+    fleet.machine("a", warm_headers=True)
+    compiled_fn = torch.compile(fn, dynamic=dynamic)
+    eager_result = fn(a, b)
+    compiled_result = compiled_fn(a, b)
+    compiled_result.sum().backward()
+    if hasattr(a, "_dynamo_weak_dynamic_indices"):
+        del a._dynamo_weak_dynamic_indices
+    torch.testing.assert_close(eager_result, compiled_result)
+    assert (fx("miss"), fx("hit"), counters["inductor"]["fxgraph_lookup_write_file"]) == (2, 0, 0)
+    assert_aot(miss=1, hit=0, saved=1)
+
+    artifacts = torch.compiler.save_cache_artifacts()
+    assert artifacts is not None
+    artifact_bytes, cache_info = artifacts
+    assert len(cache_info.inductor_artifacts) == 2
+    assert len(cache_info.autotune_artifacts) == 0
+    assert len(cache_info.aot_autograd_artifacts) == 1
+    assert len(cache_info.pgo_artifacts) == 0
+    fleet.leave()
+    with fleet.store() as s:
+        s.put(fleet.namespace(), "megacache.fn", artifact_bytes, meta={"artifact": "megacache"})
+
+    # Seed: no hit without loading. Through castore: the bucket serves machine b.
+    m = fleet.machine("b")
+    eager_result = fn(a, b)
+    compiled_result = compiled_fn(a, b)
+    torch.testing.assert_close(eager_result, compiled_result)
+    compiled_result.sum().backward()
+    if hasattr(a, "_dynamo_weak_dynamic_indices"):
+        del a._dynamo_weak_dynamic_indices
+    assert (fx("miss"), fx("hit")) == (2, 2)
+    assert_aot(miss=1, hit=1, saved=1)
+    assert (m.hits("aot-autograd"), m.hits("fx-graph")) == (1, 2)
+
+    # Hot load on a fresh machine: the bundle from the bucket, then local hits only.
+    m = fleet.machine("c")
+    bundle = m.session.store.get(fleet.namespace(), "megacache.fn")
+    assert bundle == artifact_bytes
+    assert dir_is_empty(m.inductor_dir)
+    cache_info = torch.compiler.load_cache_artifacts(bundle)
+    assert cache_info is not None
+    assert len(cache_info.inductor_artifacts) == 2
+    assert len(cache_info.autotune_artifacts) == 0
+    assert len(cache_info.aot_autograd_artifacts) == 1
+    assert len(cache_info.pgo_artifacts) == 0
+    write_file_before = counters["inductor"]["fxgraph_lookup_write_file"]
+    eager_result = fn(a, b)
+    compiled_result = compiled_fn(a, b)
+    compiled_result.sum().backward()
+    if hasattr(a, "_dynamo_weak_dynamic_indices"):
+        del a._dynamo_weak_dynamic_indices
+    torch.testing.assert_close(eager_result, compiled_result)
+    assert (fx("miss"), fx("hit")) == (2, 4)
+    assert counters["inductor"]["fxgraph_lookup_write_file"] - write_file_before == 2  # as the seed's hot load
+    assert_aot(miss=1, hit=2, saved=1)
+    stats = m.stats()["caches"]
+    assert "aot-autograd" not in stats and "fx-graph" not in stats  # served by MegaCache, not the remote caches
