@@ -59,15 +59,29 @@ def install(url: str | None = None, *, config: Config | None = None, namespace: 
 
         session = StoreSession(config, namespace or default_namespace())
         previous = remote_caches.install(session)
-        torch._inductor.config.fx_graph_remote_cache = True
-        torch._inductor.config.autotune_remote_cache = True
-        torch._functorch.config.enable_remote_autograd_cache = True
-        if hasattr(torch._dynamo.config, "automatic_dynamic_remote_pgo"):
-            # Used only when TORCH_COMPILE_JOB_ID names the job, as PyTorch requires.
-            torch._dynamo.config.automatic_dynamic_remote_pgo = True
+        switches = [
+            (torch._inductor.config, "fx_graph_remote_cache"),
+            (torch._inductor.config, "autotune_remote_cache"),
+            (torch._functorch.config, "enable_remote_autograd_cache"),
+            # PGO's remote cache is used only when TORCH_COMPILE_JOB_ID names the job, as PyTorch requires.
+            (torch._dynamo.config, "automatic_dynamic_remote_pgo"),
+        ]
+        saved_switches = [(mod, name, getattr(mod, name)) for mod, name in switches if hasattr(mod, name)]
+        for mod, name, _ in saved_switches:
+            setattr(mod, name, True)
         restore_artifacts = artifacts.install(session)
-        _export_environment(config, session.namespace)
-        _active.update(session=session, previous=previous, restore_artifacts=restore_artifacts)
+        exported = job_environment(config, session.namespace)
+        saved_env = {name: os.environ.get(name) for name, value in exported.items() if os.environ.get(name) != value}
+        saved_path = list(sys.path)
+        _export_environment(exported)
+        _active.update(
+            session=session,
+            previous=previous,
+            restore_artifacts=restore_artifacts,
+            saved_switches=saved_switches,
+            saved_env=saved_env,
+            saved_path=saved_path,
+        )
         log.info("castore: torch.compile caches served from %s (namespace %s)", config.url, session.namespace)
         return session
 
@@ -83,7 +97,14 @@ def uninstall() -> None:
         session.flush(session.config.flush_timeout)
         remote_caches.uninstall(_active["previous"])
         _active["restore_artifacts"]()
-        os.environ.pop(AUTOINSTALL_ENV, None)
+        for mod, name, value in _active["saved_switches"]:
+            setattr(mod, name, value)
+        for name, value in _active["saved_env"].items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+        sys.path[:] = _active["saved_path"]
         _active.clear()
 
 
@@ -112,8 +133,8 @@ def job_environment(config: Config, namespace: str | None = None, base: dict[str
     return env
 
 
-def _export_environment(config: Config, namespace: str) -> None:
-    os.environ.update(job_environment(config, namespace))
+def _export_environment(env: dict[str, str]) -> None:
+    os.environ.update(env)
     # Inductor starts its compile workers with PYTHONPATH=os.pathsep.join(sys.path) (utils.python_subprocess_env),
     # not with the environment's PYTHONPATH: the folder must be on this process's sys.path too, ahead of the
     # standard library (which may hold the distribution's own sitecustomize).
