@@ -35,6 +35,10 @@ def build(model: str, mode: str, device: str, *, layers: int | None = None, batc
     torch.manual_seed(0)
     dtype = None
     if model == "transformer":
+        # Without this, eval + no_grad takes nn.TransformerEncoderLayer's fused fast path: one opaque op, nothing
+        # for Inductor to generate, so "inference" would compile no kernel at all.
+        if hasattr(torch.backends, "mha"):
+            torch.backends.mha.set_fastpath_enabled(False)
         layer = nn.TransformerEncoderLayer(d_model=128, nhead=4, dim_feedforward=256, batch_first=True, dropout=0.0)
         net = nn.TransformerEncoder(layer, num_layers=layers or 2, enable_nested_tensor=False)
         example = torch.randn(batch or 4, 32, 128)
