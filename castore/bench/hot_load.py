@@ -217,6 +217,7 @@ class HotLoadBench:
         self.opts = opts
         self.python = opts.python or sys.executable
         self.runs: list[Run] = []
+        self.started = time.time()
         self.run_id = time.strftime("%Y%m%d-%H%M%S") + "-" + uuid.uuid4().hex[:6]
         self.work = tempfile.mkdtemp(prefix="castore-bench-", dir=opts.work_dir)
         self.raw_dir = os.path.join(opts.out, "raw")
@@ -262,6 +263,11 @@ class HotLoadBench:
     # -- one measured process
     def measure(self, model: str, mode: str, repeat: int, args: list[str], env: dict[str, str]) -> Run:
         run = Run(model=model, mode=mode, repeat=repeat, argv=list(args))
+        if self.opts.deadline and time.time() - self.started > self.opts.deadline:
+            run.error = f"not run: past --deadline {self.opts.deadline:.0f} s"
+            self.say(f"{model} {mode} #{repeat}: {run.error}")
+            self.runs.append(run)
+            return run
         self.say(f"{model} {mode} #{repeat} ...")
         rc, out, err, wall, error = run_process(self.python, args, env, self.opts.timeout, cwd=self.work)
         run.returncode, run.wall_seconds, run.error = rc, round(wall, 3), error
@@ -656,6 +662,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--keep-work", action="store_true", help="keep the per-process dirs")
     p.add_argument("--append", action="store_true", help="keep the runs of other models already in OUT/hot_load.json (split a long run into several commands)")
     p.add_argument("--rebuild", metavar="DIR", help="only recompute summary, markdown and chart from DIR/hot_load.json")
+    p.add_argument("--deadline", type=float, help="start no process after this many seconds (the report is still written)")
     p.add_argument("--note", help="free text stored in the JSON (default: a noise note on CPU)")
     return p.parse_args(argv)
 
@@ -699,7 +706,7 @@ def main(argv: list[str] | None = None) -> int:
     elif os.path.isdir(raw_dir):
         shutil.rmtree(raw_dir)
     bench = HotLoadBench(opts)
-    started = time.time()
+    started = bench.started
     need_s3 = any(m.startswith("castore") for m in modes) or opts.dedup
     bench.say(f"machine {slug}, device {opts.device}, models {models}, modes {modes}, {opts.repeats} repeats")
     dedup_result = None
