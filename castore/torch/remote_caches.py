@@ -20,8 +20,11 @@ CACHES = {
     "RemoteBundledAutotuneCache": "bundled-autotune",
     "RemoteDynamoPGOCache": "dynamo-pgo",
 }
-# castore cache -> MegaCache artifact type whose populate_cache() writes PyTorch's local cache entry.
-_LOCAL_ARTIFACT = {"fx-graph": "inductor", "aot-autograd": "aot_autograd"}
+# castore cache -> the PyTorch cache class whose _write_to_local_cache(key, content) stores a local entry.
+_LOCAL_WRITERS = {
+    "fx-graph": ("torch._inductor.codecache", "FxGraphCache"),
+    "aot-autograd": ("torch._functorch._aot_autograd.autograd_cache", "AOTAutogradCache"),
+}
 _KEY_RE = re.compile(r"pt2:(?P<cache_id>.+?)::(?P<key>.+):c\d+")
 
 
@@ -87,16 +90,23 @@ def _after_hit(session: StoreSession, cache: str, key: str, data: bytes) -> None
         return
     if isinstance(doc, dict) and isinstance(doc.get("time_taken_ms"), (int, float)):
         session.note_saved(cache, doc["time_taken_ms"] / 1000.0)
-    artifact_type = _LOCAL_ARTIFACT.get(cache)
-    if artifact_type is None or match is None or not isinstance(doc, dict) or "data" not in doc:
+    writer = _LOCAL_WRITERS.get(cache)
+    if writer is None or match is None or not isinstance(doc, dict) or "data" not in doc:
         return
-    try:
-        from torch.compiler._cache import CacheArtifactFactory
+    # Only the entry file, not MegaCache's populate_cache(): that also re-emits the Triton bundle, which the hit
+    # itself has just done (seconds of unpickling on a GPT-2 training graph). Written in the background: the
+    # copy serves the node's next process, not this one.
+    session.defer(_write_local, writer, match.group("key"), doc["data"])
 
-        content = base64.b64decode(doc["data"])
-        CacheArtifactFactory.create(artifact_type, match.group("key"), content).populate_cache()
+
+def _write_local(writer: tuple[str, str], key: str, data: str | bytes) -> None:
+    import importlib
+
+    try:
+        cls = getattr(importlib.import_module(writer[0]), writer[1])
+        cls._write_to_local_cache(key, base64.b64decode(data))
     except Exception as exc:  # noqa: BLE001 - the local copy is an optimisation only
-        log.debug("castore: could not write %s hit to the local cache: %s", cache, exc)
+        log.debug("castore: could not write %s entry %s locally: %s", writer[1], key, exc)
 
 
 def install(session: StoreSession) -> dict[str, Any]:

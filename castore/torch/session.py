@@ -71,7 +71,7 @@ class StoreSession:
         self._stats_lock = threading.Lock()
         self._disabled_until = 0.0
         self._warned = False
-        self._queue: queue.Queue[tuple[str, str, bytes, dict[str, object]] | None] = queue.Queue()
+        self._queue: queue.Queue[tuple[str, str, bytes, dict[str, object]] | Callable[[], None] | None] = queue.Queue()
         self._writer: threading.Thread | None = None
         self._pending = 0
         self._pending_cv = threading.Condition()
@@ -174,18 +174,35 @@ class StoreSession:
             with self._stats_lock:
                 self._counters(cache).skipped += 1
             return
+        self._enqueue((cache, key, bytes(data), dict(meta or {})))
+
+    def defer(self, fn: Callable[..., None], *args: object) -> None:
+        """Run fn(*args) on the background writer (work that only later processes need). Never raises."""
+        self._enqueue(lambda: fn(*args))
+
+    def _enqueue(self, item: tuple[str, str, bytes, dict[str, object]] | Callable[[], None]) -> None:
         with self._pending_cv:
             self._pending += 1
         if self._writer is None or not self._writer.is_alive():
             self._writer = threading.Thread(target=self._write_loop, name="castore-writer", daemon=True)
             self._writer.start()
-        self._queue.put((cache, key, bytes(data), dict(meta or {})))
+        self._queue.put(item)
 
     def _write_loop(self) -> None:
         while True:
             item = self._queue.get()
             if item is None:
                 return
+            if callable(item):
+                try:
+                    item()
+                except Exception as exc:  # noqa: BLE001 - deferred work is best effort
+                    log.debug("castore: deferred work failed: %s", exc)
+                finally:
+                    with self._pending_cv:
+                        self._pending -= 1
+                        self._pending_cv.notify_all()
+                continue
             cache, key, data, meta = item
             counters = self._counters(cache)
             try:
