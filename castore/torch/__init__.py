@@ -74,6 +74,7 @@ def install(url: str | None = None, *, config: Config | None = None, namespace: 
         saved_env = {name: os.environ.get(name) for name, value in exported.items() if os.environ.get(name) != value}
         saved_path = list(sys.path)
         _export_environment(exported)
+        session.prewarm()
         _active.update(
             session=session,
             previous=previous,

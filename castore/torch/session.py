@@ -13,6 +13,7 @@ import os
 import queue
 import threading
 import time
+import weakref
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -60,22 +61,57 @@ def castore_key(key: str) -> str:
         return "sha256-" + sha256(key.encode("utf-8", "surrogatepass")).hex()
 
 
+_sessions: weakref.WeakSet[StoreSession] = weakref.WeakSet()
+
+
+_held_over_fork: list[threading.Lock] = []
+
+
+def _before_fork() -> None:
+    # A store being opened on another thread is half-imported (boto3, castore.backends.s3): a child forked now
+    # would inherit partially initialised modules for good. Wait for the opening to finish (it does no I/O).
+    for session in list(_sessions):
+        if session._store_lock.acquire(timeout=10):
+            _held_over_fork.append(session._store_lock)
+
+
+def _after_fork_in_parent() -> None:
+    while _held_over_fork:
+        _held_over_fork.pop().release()
+
+
+def _after_fork_in_child() -> None:
+    _held_over_fork.clear()
+    for session in list(_sessions):
+        session._start_fresh()
+
+
+os.register_at_fork(before=_before_fork, after_in_parent=_after_fork_in_parent, after_in_child=_after_fork_in_child)
+
+
 class StoreSession:
     def __init__(self, config: Config, namespace: str, *, open_store: Callable[[], object] | None = None) -> None:
         self.config = config
         self.namespace = keyfmt.validate_namespace(namespace)
         self._open_store = open_store
+        self._disabled_until = 0.0
+        self._warned = False
+        self._start_fresh()
+        _sessions.add(self)
+        atexit.register(self.close)
+
+    def _start_fresh(self) -> None:
+        """Threads, locks, connections and counters of this process. Also run in a forked child (Inductor's
+        compile workers fork): the parent's writer and store-opening threads do not exist there, a lock they held
+        would stay held, and a boto3 client must not be shared across a fork."""
         self._store = None
         self._store_lock = threading.Lock()
         self.stats = SessionStats()
         self._stats_lock = threading.Lock()
-        self._disabled_until = 0.0
-        self._warned = False
         self._queue: queue.Queue[tuple[str, str, bytes, dict[str, object]] | Callable[[], None] | None] = queue.Queue()
         self._writer: threading.Thread | None = None
         self._pending = 0
         self._pending_cv = threading.Condition()
-        atexit.register(self.close)
 
     # -- plumbing --------------------------------------------------------------------------------
     @property
@@ -90,6 +126,18 @@ class StoreSession:
 
                         self._store = open_store(config=self.config)
         return self._store
+
+    def prewarm(self) -> None:
+        """Open the store on a background thread (boto3's import and client set-up take about half a second),
+        so that it overlaps with model construction and tracing instead of delaying the first cache lookup."""
+
+        def open_quietly() -> None:
+            try:
+                _ = self.store
+            except Exception as exc:  # noqa: BLE001 - the first get reports and handles it
+                log.debug("castore: opening the store failed: %s", exc)
+
+        threading.Thread(target=open_quietly, name="castore-open", daemon=True).start()
 
     def available(self) -> bool:
         return time.monotonic() >= self._disabled_until
