@@ -62,7 +62,9 @@ def test_one_byte_insert_changes_only_a_few_chunks() -> None:
 
 
 def test_params_for_size_picks_large_chunks_for_large_blobs() -> None:
-    assert chunking.params_for_size(1 << 20) == chunking.SMALL
+    assert chunking.params_for_size((1 << 20) - 1) == chunking.SMALL
+    assert chunking.params_for_size(1 << 20) == chunking.MEDIUM
+    assert chunking.params_for_size(chunking.LARGE_BLOB_THRESHOLD - 1) == chunking.MEDIUM
     assert chunking.params_for_size(chunking.LARGE_BLOB_THRESHOLD) == chunking.LARGE
 
 

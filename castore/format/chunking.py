@@ -1,10 +1,13 @@
 """Content-defined chunking (FastCDC 2020, via pyfastcdc).
 
-Two size classes: artifacts (almost every compile artifact is under a few MiB) are cut near 64 KiB so that
-related artifacts share chunks; large blobs are cut near 4 MiB so a 256 MiB bundle is ~64 requests, not
-4096 (at 1 MiB, per-request overhead held a get of 256 MiB to ~0.7x of one boto3 download_fileobj; at 4 MiB
-it is ~0.9x, see benchmarks/store_throughput.py). The parameters are written into each manifest, so readers
-never need to know this policy.
+Three size classes, chosen by measurement (benchmarks/store_throughput.py, benchmarks/hot_load.py --dedup):
+- under 1 MiB (kernels, autotune entries, small graphs): near 64 KiB, so related artifacts share chunks;
+- 1 to 32 MiB (FX graph entries with their Triton bundles, precompiled headers): near 512 KiB. At 64 KiB an
+  8 MiB entry was ~130 requests and ran at a quarter of one boto3 download, while the dedup measured between
+  variants of one model was 1.00x at 64 KiB: small chunks bought nothing for these entries;
+- 32 MiB and up (bundles): near 4 MiB, so a 256 MiB blob is ~64 requests, not 4096 (at 1 MiB, per-request
+  overhead held a get of 256 MiB to ~0.7x of one boto3 download_fileobj; at 4 MiB it is ~0.9x).
+The parameters are written into each manifest, so readers never need to know this policy.
 """
 
 from __future__ import annotations
@@ -32,13 +35,17 @@ class ChunkerParams:
 
 
 SMALL = ChunkerParams(min_size=16 << 10, avg_size=64 << 10, max_size=256 << 10)
+MEDIUM = ChunkerParams(min_size=128 << 10, avg_size=512 << 10, max_size=2 << 20)
 LARGE = ChunkerParams(min_size=1 << 20, avg_size=4 << 20, max_size=8 << 20)  # pyfastcdc: min <= 1 MiB
-# Blobs at least this large use LARGE. Chosen by benchmarks/store_throughput.py (see README).
+# Blobs at least this large use MEDIUM / LARGE.
+MEDIUM_BLOB_THRESHOLD = 1 << 20
 LARGE_BLOB_THRESHOLD = 32 << 20
 
 
 def params_for_size(size: int) -> ChunkerParams:
-    return LARGE if size >= LARGE_BLOB_THRESHOLD else SMALL
+    if size >= LARGE_BLOB_THRESHOLD:
+        return LARGE
+    return MEDIUM if size >= MEDIUM_BLOB_THRESHOLD else SMALL
 
 
 @lru_cache(maxsize=8)
