@@ -56,6 +56,8 @@ class Config:
     error_backoff: float = 60.0
     # Torch integration: a get slower than this opens the circuit breaker too (a slow store costs more than it saves).
     slow_request: float = 1.0
+    # Torch integration: the longest a compile waits on one store lookup, whatever the timeouts and retries below.
+    store_wait: float = 5.0
     # Torch integration: how long process exit waits for background uploads.
     flush_timeout: float = 30.0
     sources: dict[str, str] = field(default_factory=dict, compare=False, repr=False)
@@ -75,6 +77,7 @@ _PARSERS: dict[str, Any] = {
     "workers": int,
     "error_backoff": float,
     "slow_request": float,
+    "store_wait": float,
     "flush_timeout": float,
 }
 ENV_PREFIX = "CASTORE_"

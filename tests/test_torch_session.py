@@ -39,8 +39,10 @@ def test_long_or_exotic_torch_keys_are_hashed_not_rejected(tmp_path: Path) -> No
     assert s.get("autotune", key) == b"{}"
 
 
-def test_unreachable_store_costs_one_warning_then_is_skipped(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+def test_unreachable_store_costs_one_warning_then_is_skipped(tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
     # A closed port on loopback: connection refused at once.
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "test")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "test")
     s = _session(tmp_path, "s3://bucket/p?endpoint=http://127.0.0.1:9", connect_timeout=1, max_attempts=1)
     with caplog.at_level(logging.WARNING, logger="castore.torch"):
         start = time.monotonic()
@@ -84,3 +86,28 @@ def test_forked_child_gets_its_own_store_and_writer(tmp_path: Path) -> None:
     _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 0
     assert s.get("autotune", "child-key") == b"from the child"
+
+
+def test_a_hung_store_costs_at_most_store_wait(tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A server that accepts connections and never answers: the lookup gives up after store_wait, not after
+    read_timeout x attempts."""
+    import socket
+
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "test")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "test")
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(8)
+    try:
+        port = server.getsockname()[1]
+        s = _session(tmp_path, f"s3://bucket/p?endpoint=http://127.0.0.1:{port}", read_timeout=30, max_attempts=3, store_wait=1.0)
+        with caplog.at_level(logging.WARNING, logger="castore.torch"):
+            start = time.monotonic()
+            assert s.get("fx-graph", "k") is None
+            assert s.get("fx-graph", "k2") is None  # skipped: the breaker is open
+            elapsed = time.monotonic() - start
+        assert 1.0 <= elapsed < 3.0
+        assert s.stats.caches["fx-graph"].get_errors == 1 and s.stats.caches["fx-graph"].skipped == 1
+        assert sum(r.levelno >= logging.WARNING for r in caplog.records) == 1
+    finally:
+        server.close()

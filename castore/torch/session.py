@@ -19,7 +19,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
 from castore.config import Config
-from castore.errors import CastoreError, InvalidKeyError
+from castore.errors import BackendUnavailable, CastoreError, InvalidKeyError
 from castore.format import keys as keyfmt
 from castore.format.codec import sha256
 
@@ -168,7 +168,7 @@ class StoreSession:
         try:
             store = self.store
             before = self._layer_snapshot(store)
-            data = store.get(self.namespace, castore_key(key))
+            data = self._within_store_wait(lambda: store.get(self.namespace, castore_key(key)))
         except (CastoreError, OSError) as exc:
             elapsed = time.monotonic() - start
             with self._stats_lock:
@@ -196,6 +196,28 @@ class StoreSession:
             # A store this slow costs more than it saves: stop asking for a while.
             self._trip(f"a get taking {elapsed:.1f} s (over slow_request={self.config.slow_request} s)", "slow store")
         return data
+
+    def _within_store_wait(self, fn: Callable[[], bytes | None]) -> bytes | None:
+        """fn() on a daemon thread, waited for at most store_wait seconds: a hung connection (read timeouts times
+        retries) must not hold up the compile, nor the interpreter's exit."""
+        box: list[object] = []
+        done = threading.Event()
+
+        def run() -> None:
+            try:
+                box.append(fn())
+            except BaseException as exc:  # noqa: BLE001 - handed to the waiting thread
+                box.append(exc)
+            finally:
+                done.set()
+
+        threading.Thread(target=run, name="castore-get", daemon=True).start()
+        if not done.wait(self.config.store_wait):
+            raise BackendUnavailable(f"no answer within store_wait={self.config.store_wait} s")
+        result = box[0]
+        if isinstance(result, BaseException):
+            raise result
+        return result  # type: ignore[return-value]
 
     def note_saved(self, cache: str, seconds: float) -> None:
         with self._stats_lock:
