@@ -10,6 +10,7 @@ import sys
 
 
 def _chain_next_sitecustomize() -> None:
+    import importlib.machinery
     import importlib.util
 
     here = os.path.dirname(os.path.abspath(__file__))
