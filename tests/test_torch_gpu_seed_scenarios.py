@@ -2,7 +2,8 @@
 functions around them, and invalidation when a kernel's source changes.
 
 These need CUDA and Triton: they are skipped on CI's CPU machine and run on the GPU machine
-(benchmarks/gpu_run.sh), whose log is committed under benchmarks/results/.
+(`source benchmarks/gpu_env.sh; python3 -m pytest tests/test_torch_gpu_seed_scenarios.py`); the log of that
+run is benchmarks/results/gpu-h100/gpu_seed_scenarios.log.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 if not torch.cuda.is_available():
-    pytest.skip("needs a CUDA GPU (runs on the GPU machine, see benchmarks/gpu_run.sh)", allow_module_level=True)
+    pytest.skip("needs a CUDA GPU (runs on the GPU machine, see benchmarks/gpu_env.sh)", allow_module_level=True)
 triton = pytest.importorskip("triton")
 import triton.language as tl  # noqa: E402
 from torch._dynamo.utils import counters  # noqa: E402
