@@ -363,7 +363,6 @@ class Store:
         buf.release()
         if ok and hasher.digest() == manifest.digest:
             return result.getvalue()
-        del result, buf
         parts = list(self._pool.map(self._fetch_chunk_or_none, refs))
         if any(p is None for p in parts):
             self._corrupt(manifest, "a chunk is missing or corrupt")

@@ -21,7 +21,6 @@ from torch._dynamo.utils import counters  # noqa: E402
 from torch._functorch import config as functorch_config  # noqa: E402
 from torch._inductor import config as inductor_config  # noqa: E402
 
-import castore.torch  # noqa: E402
 from torch_scenarios import Fleet, dir_is_empty  # noqa: E402
 
 pytestmark = [pytest.mark.torch, pytest.mark.s3]

@@ -9,7 +9,6 @@ across their ``_clear_dynamo_and_codecache()`` calls.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
