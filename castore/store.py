@@ -497,7 +497,7 @@ class Store:
                     codec = codecs.codec_of(obj)
                     payload = memoryview(obj)[codecs.HEADER_SIZE :]
                     size = len(payload) if codec == codecs.CODEC_RAW else chunking.MAX_CHUNK_SIZE
-                    data = _decode_unknown_size(codec, payload, size)
+                    data = codecs.decompress_at_most(codec, payload, size)
                     if codecs.sha256(data) != digest:
                         raise CorruptChunkError("does not match its name")
                     report.bytes += len(data)
@@ -527,22 +527,6 @@ class Store:
         usage.chunk_objects = len(unique)
         usage.stored_bytes += sum(unique.values())
         return usage
-
-
-def _decode_unknown_size(codec: str, payload: memoryview, bound: int) -> bytes:
-    if codec == codecs.CODEC_RAW:
-        return bytes(payload)
-    import io
-
-    import zstandard
-
-    try:
-        data = zstandard.ZstdDecompressor().stream_reader(io.BytesIO(payload)).read(bound + 1)
-    except zstandard.ZstdError as exc:
-        raise CorruptChunkError(f"zstd payload does not decode: {exc}") from exc
-    if len(data) > bound:
-        raise CorruptChunkError("chunk decodes past the format's chunk size bound")
-    return data
 
 
 def _meta_value(value: object) -> object:

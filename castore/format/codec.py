@@ -57,29 +57,38 @@ def codec_of(obj: bytes) -> str:
     return codec
 
 
+def decompress_at_most(codec: str, payload: bytes | memoryview, limit: int) -> bytes:
+    """Decode a payload, allocating at most limit + 1 bytes; raises CorruptChunkError if it decodes past limit."""
+    if codec == CODEC_RAW:
+        out = bytes(payload)
+    elif codec == CODEC_ZSTD:
+        try:
+            reader = _dctx().stream_reader(io.BytesIO(payload), read_across_frames=False)
+            parts = []
+            remaining = limit + 1
+            while remaining > 0:
+                block = reader.read(remaining)
+                if not block:
+                    break
+                parts.append(block)
+                remaining -= len(block)
+        except zstandard.ZstdError as exc:
+            raise CorruptChunkError(f"zstd payload does not decode: {exc}") from exc
+        out = b"".join(parts)
+    else:
+        raise UnsupportedFormatVersion(f"codec {codec!r}", 1)
+    if len(out) > limit:
+        raise CorruptChunkError(f"chunk decodes to more than {limit} bytes")
+    return out
+
+
 def decompress(codec: str, payload: bytes | memoryview, size: int) -> bytes:
     """Decode a payload to exactly ``size`` bytes, never allocating more than size + 1 (decompression bombs)."""
-    if codec == CODEC_RAW:
-        if len(payload) != size:
-            raise CorruptChunkError(f"raw chunk has {len(payload)} bytes, expected {size}")
-        return bytes(payload)
-    if codec != CODEC_ZSTD:
-        raise UnsupportedFormatVersion(f"codec {codec!r}", 1)
-    try:
-        reader = _dctx().stream_reader(io.BytesIO(payload), read_across_frames=False)
-        parts = []
-        remaining = size + 1
-        while remaining > 0:
-            block = reader.read(remaining)
-            if not block:
-                break
-            parts.append(block)
-            remaining -= len(block)
-    except zstandard.ZstdError as exc:
-        raise CorruptChunkError(f"zstd payload does not decode: {exc}") from exc
-    out = b"".join(parts)
+    if codec == CODEC_RAW and len(payload) != size:
+        raise CorruptChunkError(f"raw chunk has {len(payload)} bytes, expected {size}")
+    out = decompress_at_most(codec, payload, size)
     if len(out) != size:
-        raise CorruptChunkError(f"chunk decodes to {'more than' if len(out) > size else len(out)} bytes, expected {size}")
+        raise CorruptChunkError(f"chunk decodes to {len(out)} bytes, expected {size}")
     return out
 
 

@@ -167,7 +167,6 @@ class StoreSession:
         start = time.monotonic()
         try:
             store = self.store
-            before = self._layer_snapshot(store)
             data = self._within_store_wait(lambda: store.get(self.namespace, castore_key(key)))
         except (CastoreError, OSError) as exc:
             elapsed = time.monotonic() - start
@@ -184,7 +183,7 @@ class StoreSession:
                 counters.misses += 1
             return None
         elapsed = time.monotonic() - start
-        self._layer_account(store, before)
+        self._layer_account(store)
         with self._stats_lock:
             counters.seconds_waited += elapsed
             if data is None:
@@ -223,13 +222,10 @@ class StoreSession:
         with self._stats_lock:
             self._counters(cache).seconds_saved += seconds
 
-    def _layer_snapshot(self, store) -> tuple[int, int] | None:  # noqa: ANN001
+    def _layer_account(self, store) -> None:  # noqa: ANN001
+        """Mirror the local layer's counters (hits served on the node, objects fetched from the bucket)."""
         local = getattr(store, "local", None)
-        return (local.stats.hits, local.stats.misses) if local is not None else None
-
-    def _layer_account(self, store, before: tuple[int, int] | None) -> None:  # noqa: ANN001
-        local = getattr(store, "local", None)
-        if local is None or before is None:
+        if local is None:
             return
         with self._stats_lock:
             self.stats.local_hits = local.stats.hits
