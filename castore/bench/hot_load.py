@@ -361,10 +361,14 @@ class HotLoadBench:
         if "redis-remote" in modes and "redis-remote" not in self.unavailable:
             self.measure(label, POPULATE_MODES["redis"], 0, args, self.redis_env(os.path.join(root, "redis-cold")))
         local_layer = None  # castore's local layer as a castore-hot run left it: the castore-warm starting point
+        cold_runs = max(1, min(self.opts.cold_repeats or self.opts.repeats, self.opts.repeats))
+        cold = None
         for r in range(self.opts.repeats):
-            cold_root = os.path.join(root, f"cold-{r}")
-            bundle = os.path.join(cold_root, "megacache.bin")
-            cold = self.measure(label, "cold", r, args + (["--save-megacache", bundle] if "megacache" in modes else []), self.plain_env(cold_root))
+            if r < cold_runs:
+                cold_root = os.path.join(root, f"cold-{r}")
+                bundle = os.path.join(cold_root, "megacache.bin")
+                cold = self.measure(label, "cold", r, args + (["--save-megacache", bundle] if "megacache" in modes else []), self.plain_env(cold_root))
+            # else: warm-local and megacache start again from the last cold run's caches (--cold-repeats)
             for mode in modes:
                 if mode == "cold":
                     continue
@@ -565,7 +569,9 @@ def markdown(report: dict[str, Any]) -> str:
     m = report["machine"]
     lines = [
         f"### Hot load: {report['machine_slug']} (torch {m.get('torch')}, {m.get('device_name') or str(m.get('cpus')) + ' CPUs'}), "
-        f"{report['repeats']} processes per mode, medians (min–max)",
+        f"{report['repeats']} processes per mode"
+        + (f" ({report['cold_repeats']} cold)" if report.get("cold_repeats", report["repeats"]) != report["repeats"] else "")
+        + ", medians (min–max)",
         "",
         "| model | mode | ok | first output s | compile s | ×warm-local | ×cold | FX hits | C++ runs | Triton compiles | autotune calls | store skipped |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
@@ -646,6 +652,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--models", help="comma-separated model:phase (phase infer|train); default per device: " + ",".join(CPU_MODELS) + " | " + ",".join(GPU_MODELS))
     p.add_argument("--modes", help="comma-separated subset of " + ",".join(MODES) + " (cold and warm-local are always run)")
     p.add_argument("--repeats", type=int, default=3, help="processes per mode and model (default 3)")
+    p.add_argument("--cold-repeats", type=int, help="cold processes per model (default: --repeats); the rest of the repeats reuse the last cold run's caches")
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu or cuda")
     p.add_argument("--quick", action="store_true", help="one model (inference), 1 repeat, modes " + ",".join(QUICK_MODES))
     p.add_argument("--layers", type=int, help="layers of every model (default: each model's own; tests use 1)")
@@ -739,6 +746,7 @@ def main(argv: list[str] | None = None) -> int:
         "models": models,
         "modes": modes,
         "repeats": opts.repeats,
+        "cold_repeats": min(opts.cold_repeats or opts.repeats, opts.repeats),
         "layers": opts.layers,
         "batch": opts.batch,
         "rtt_ms": opts.rtt_ms,

@@ -12,6 +12,7 @@ import logging
 import os
 import sys
 import threading
+import time
 from typing import Any
 
 from castore.config import Config, load_config
@@ -28,6 +29,8 @@ TORCH_ENV = {
     "TORCHINDUCTOR_AUTOGRAD_REMOTE_CACHE": "1",
     "TORCHINDUCTOR_AUTOTUNE_REMOTE_CACHE": "1",
 }
+
+TRITON_CACHE_MANAGER = "castore.torch.triton_cache:CastoreTritonCacheManager"
 
 _lock = threading.Lock()
 _active: dict[str, Any] = {}
@@ -48,6 +51,7 @@ def install(url: str | None = None, *, config: Config | None = None, namespace: 
     with _lock:
         if "session" in _active:
             return _active["session"]
+        started = time.monotonic()
         if config is None:
             config = load_config({"url": url, **overrides})
         import torch  # noqa: F401 - the hooks below patch torch modules
@@ -55,7 +59,7 @@ def install(url: str | None = None, *, config: Config | None = None, namespace: 
         import torch._functorch.config
         import torch._inductor.config
 
-        from castore.torch import artifacts, remote_caches
+        from castore.torch import artifacts, autotune_fixes, remote_caches
 
         session = StoreSession(config, namespace or default_namespace())
         previous = remote_caches.install(session)
@@ -70,6 +74,7 @@ def install(url: str | None = None, *, config: Config | None = None, namespace: 
         for mod, name, _ in saved_switches:
             setattr(mod, name, True)
         restore_artifacts = artifacts.install(session)
+        restore_autotune = autotune_fixes.install(session)
         exported = job_environment(config, session.namespace)
         saved_env = {name: os.environ.get(name) for name, value in exported.items() if os.environ.get(name) != value}
         saved_path = list(sys.path)
@@ -79,10 +84,12 @@ def install(url: str | None = None, *, config: Config | None = None, namespace: 
             session=session,
             previous=previous,
             restore_artifacts=restore_artifacts,
+            restore_autotune=restore_autotune,
             saved_switches=saved_switches,
             saved_env=saved_env,
             saved_path=saved_path,
         )
+        session.stats.install_seconds = time.monotonic() - started
         log.info("castore: torch.compile caches served from %s (namespace %s)", config.url, session.namespace)
         return session
 
@@ -98,6 +105,7 @@ def uninstall() -> None:
         session.flush(session.config.flush_timeout)
         remote_caches.uninstall(_active["previous"])
         _active["restore_artifacts"]()
+        _active["restore_autotune"]()
         for mod, name, value in _active["saved_switches"]:
             setattr(mod, name, value)
         for name, value in _active["saved_env"].items():
@@ -124,6 +132,8 @@ def job_environment(config: Config, namespace: str | None = None, base: dict[str
     env = dict(os.environ if base is None else base)
     for name, value in TORCH_ENV.items():
         env.setdefault(name, value)
+    # Triton's compile cache read through from the store; a manager the user chose is left alone.
+    env.setdefault("TRITON_CACHE_MANAGER", TRITON_CACHE_MANAGER)
     for name, value, _ in config.describe():
         env["CASTORE_" + name.upper()] = str(int(value) if isinstance(value, bool) else value)
     if namespace:

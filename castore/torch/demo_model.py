@@ -207,6 +207,7 @@ def main(argv: list[str] | None = None) -> None:
 
     import torch
 
+    t_torch = time.time()  # under castore's autoload, install() ran inside this import
     autotune_counts = install_autotune_counters() if cuda else {}
     session = None
     if args.castore:
@@ -262,6 +263,7 @@ def main(argv: list[str] | None = None) -> None:
         "seconds_to_first_output": round(t_first - _T_START, 3),
         "seconds_compile": round(t_first - t_compile, 3),
         "seconds_import": round(t_ready - _T_START, 3),
+        "seconds_torch_import": round(t_torch - _T_START, 3),
         "fxgraph": {k: v for k, v in counters["inductor"].items() if k.startswith("fxgraph")},
         "aot_autograd": {k: v for k, v in counters["aot_autograd"].items() if k.startswith("autograd_cache")},
         "output_digest": h.hexdigest()[:16],
@@ -292,6 +294,9 @@ def main(argv: list[str] | None = None) -> None:
 
         session.flush(session.config.flush_timeout)
         result["compiler_runs"] = artifacts.compiler_runs
+        from castore.torch import autotune_fixes
+
+        result["autotune_fixes"] = dict(autotune_fixes.counters)
         result["castore"] = castore.torch.stats()
     print(json.dumps(result), flush=True)
 

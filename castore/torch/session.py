@@ -45,11 +45,15 @@ class SessionStats:
     caches: dict[str, CacheCounters] = field(default_factory=lambda: defaultdict(CacheCounters))
     local_hits: int = 0  # objects served by the node's local layer
     bucket_fetches: int = 0  # objects fetched from the bucket
+    install_seconds: float = 0.0  # castore.torch.install() in this process (hooks, and the torch modules they patch)
+    store_open_seconds: float = 0.0  # opening the store (boto3 import and client set-up for s3://)
 
     def to_dict(self) -> dict[str, object]:
         return {
             "caches": {name: asdict(c) for name, c in sorted(self.caches.items())},
             "layers": {"local": {"hits": self.local_hits}, "bucket": {"fetches": self.bucket_fetches}},
+            "install_seconds": round(self.install_seconds, 3),
+            "store_open_seconds": round(self.store_open_seconds, 3),
         }
 
 
@@ -119,12 +123,14 @@ class StoreSession:
         if self._store is None:
             with self._store_lock:
                 if self._store is None:
+                    started = time.monotonic()
                     if self._open_store is not None:
                         self._store = self._open_store()
                     else:
                         from castore import open_store
 
                         self._store = open_store(config=self.config)
+                    self.stats.store_open_seconds = time.monotonic() - started
         return self._store
 
     def prewarm(self) -> None:

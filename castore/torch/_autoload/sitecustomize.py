@@ -23,7 +23,7 @@ def _chain_next_sitecustomize() -> None:
 
 if os.environ.get("CASTORE_TORCH_AUTOINSTALL") == "1":
     try:
-        from castore.torch._autoload_hook import install_after_torch_import
+        from castore_autoload_hook import install_after_torch_import  # this folder; imports no castore module
 
         install_after_torch_import()
     except Exception as exc:  # noqa: BLE001 - never break interpreter start-up

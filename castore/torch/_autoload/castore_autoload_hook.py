@@ -1,4 +1,9 @@
-"""A post-import hook: run castore.torch.install_from_environment() once ``torch`` has been imported."""
+"""A post-import hook: run castore.torch.install_from_environment() once ``torch`` has been imported.
+
+A top-level module of the autoload folder, not part of the castore package, on purpose: every Python process
+started under castore loads it, and most of them never import torch (Inductor's ISA probes, build helpers).
+Importing castore there would cost each of them its start-up imports (70 ms; six probes per fresh process).
+"""
 
 from __future__ import annotations
 

@@ -1,0 +1,205 @@
+"""Autotuning that a warm start repeats although the answer is already known.
+
+Measured on an H100 with torch 2.11 (benchmarks/results/gpu-h100/autotune_trace/), three gaps in Inductor's
+own autotune cache make a warm start (PyTorch's local cache or castore's bucket alike) benchmark again:
+
+1. ``CachingAutotuner.recheck_autotune_cache`` (FX-cache hits of statically launchable kernels) ignores an
+   autotune-cache hit when the kernel was compiled with a single config, and drops ``found_by_coordesc`` when
+   the winner is one of the compiled configs. With ``coordinate_descent_tuning`` every such kernel is tuned
+   again (pytorch#172819; fixed upstream by pytorch#173391 / #181789, not in 2.11). castore installs the fixed
+   method when, and only when, the running torch has the old one.
+2. ``_dynamic_scale_rblock`` adds configs to a kernel that the autotune cache has already narrowed to its winner
+   (also fixed upstream by #181789). castore skips it after a hit, as newer torch does.
+3. A reduction kernel generated with a single config has no autotune cache at all; ``_dynamic_scale_rblock``
+   then adds a smaller-RBLOCK variant at load time and ``autotune_to_one_config`` benchmarks both on every start,
+   in every torch version. castore records that winner in the store (cache ``autotune-winner``), keyed by the
+   kernel's source file, its candidate configs, the GPU and the versions, and reuses it.
+
+Each patch is a no-op where PyTorch already does the right thing; ``uninstall`` restores the originals.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import json
+import logging
+import os
+from collections.abc import Callable
+from typing import Any
+
+from castore.torch.session import StoreSession
+
+log = logging.getLogger("castore.torch")
+
+WINNER_CACHE = "autotune-winner"
+
+counters = {"winner_hits": 0, "winner_puts": 0, "rechecks_fixed": 0}
+
+
+def _config_tuple(config: Any) -> tuple[Any, ...]:
+    return (tuple(sorted((str(k), repr(v)) for k, v in config.kwargs.items())), config.num_warps, config.num_stages)
+
+
+def winner_key(autotuner: Any) -> str | None:
+    """Store key for the winner among an autotuner's current launchers, or None if it cannot be named."""
+    filename = getattr(autotuner, "filename", None)
+    launchers = getattr(autotuner, "launchers", None) or []
+    if not filename or len(launchers) < 2:
+        return None
+    try:
+        import torch
+
+        props = autotuner.device_props
+        device = (getattr(props, "type", "?"), getattr(props, "name", None) or "", getattr(props, "major", None), getattr(props, "minor", None))
+        try:
+            import triton
+
+            triton_version = triton.__version__
+        except Exception:  # noqa: BLE001
+            triton_version = "none"
+        material = repr((
+            os.path.basename(filename),  # Inductor names a kernel's file by the hash of its source
+            autotuner.inductor_meta.get("kernel_name"),
+            sorted(_config_tuple(l.config) for l in launchers),
+            device,
+            torch.__version__,
+            triton_version,
+        ))
+    except Exception:  # noqa: BLE001 - an autotuner of another shape: leave it to PyTorch
+        return None
+    return "winner." + hashlib.sha256(material.encode()).hexdigest()
+
+
+def install(session: StoreSession) -> Callable[[], None]:
+    """Install the patches that apply to the running torch; returns a function that removes them."""
+    try:
+        import torch._inductor.runtime.triton_heuristics as th
+    except Exception:  # noqa: BLE001 - no Inductor runtime: nothing to fix
+        return lambda: None
+    cls = th.CachingAutotuner
+    restore: list[Callable[[], None]] = []
+
+    def patch(name: str, replacement: Any) -> None:
+        original = cls.__dict__[name]
+        setattr(cls, name, replacement)
+        restore.append(lambda: setattr(cls, name, original))
+
+    # 1. recheck_autotune_cache, where the running torch still has the single-config guard.
+    original_recheck = cls.__dict__.get("recheck_autotune_cache")
+    if original_recheck is not None and _has_single_config_guard(original_recheck):
+        needed = ("check_autotune_cache", "triton_config_to_hashable", "dynamo_timed")
+        if all(hasattr(th, n) for n in needed):
+
+            def recheck_autotune_cache(self: Any, reload_kernel_from_src: Callable[[], Any]) -> None:
+                configs = [result.config for result in self.compile_results]
+                cached, _, info = th.check_autotune_cache(configs, self.filename, self.inductor_meta)
+                self.autotune_cache_info = info
+                if len(cached) != 1 or info.get("autotune_cache_state") != "hit":
+                    return
+                best = cached[0]
+                found_by_coordesc = getattr(best, "found_by_coordesc", False)
+                best_hash = th.triton_config_to_hashable(best)
+                counters["rechecks_fixed"] += 1
+                for result in self.compile_results:
+                    if th.triton_config_to_hashable(result.config) == best_hash:
+                        result.config.found_by_coordesc = found_by_coordesc
+                        self.compile_results = [result]
+                        return
+                # The winner was found after the FX entry was written (coordesc, rblock scaling): compile it.
+                # Triton's cache (castore's Triton cache manager behind it) usually holds it already.
+                with th.dynamo_timed("CachingAutotuner.slow_precompile_config"):
+                    if self.fn.fn is None:
+                        self.fn = reload_kernel_from_src().fn
+                    self.compile_results = [self._precompile_config(best)]
+
+            patch("recheck_autotune_cache", recheck_autotune_cache)
+            log.debug("castore: using the fixed CachingAutotuner.recheck_autotune_cache (pytorch#172819)")
+
+    # 2. No rblock scaling after an autotune-cache hit.
+    original_scale = cls.__dict__.get("_dynamic_scale_rblock")
+    if original_scale is not None:
+
+        def _dynamic_scale_rblock(self: Any) -> Any:
+            info = getattr(self, "autotune_cache_info", None) or {}
+            if info.get("autotune_cache_state") == "hit":
+                return None
+            return original_scale(self)
+
+        patch("_dynamic_scale_rblock", _dynamic_scale_rblock)
+
+    # 3. Winners of kernels PyTorch keeps no autotune cache for.
+    original_one = cls.__dict__.get("autotune_to_one_config")
+    if original_one is not None:
+
+        def autotune_to_one_config(self: Any, *args: Any, **kwargs: Any) -> Any:
+            key = None if getattr(self, "save_cache_hook", None) else winner_key(self)
+            if key is None:
+                return original_one(self, *args, **kwargs)
+            chosen = _stored_winner(session, key, self.launchers)
+            if chosen is not None:
+                _narrow_to(self, chosen)
+                counters["winner_hits"] += 1
+                return None
+            result = original_one(self, *args, **kwargs)
+            if len(self.launchers) == 1:
+                config = self.launchers[0].config
+                record = {"kwargs": {k: v for k, v in config.kwargs.items()}, "num_warps": config.num_warps, "num_stages": config.num_stages}
+                try:
+                    session.put(WINNER_CACHE, key, json.dumps(record, sort_keys=True).encode())
+                    counters["winner_puts"] += 1
+                except TypeError:  # a config value JSON cannot hold: not worth a record
+                    pass
+            return result
+
+        patch("autotune_to_one_config", autotune_to_one_config)
+
+    def undo() -> None:
+        for fn in reversed(restore):
+            fn()
+
+    return undo
+
+
+def _has_single_config_guard(method: Any) -> bool:
+    """True for torch versions whose recheck_autotune_cache skips hits of single-config kernels (pytorch#172819)."""
+    try:
+        source = inspect.getsource(method)
+    except (OSError, TypeError):
+        return False
+    return "len(configs) > 1" in source and "found_by_coordesc = found_by_coordesc" not in source
+
+
+def _narrow_to(autotuner: Any, launcher: Any) -> None:
+    """What autotune_to_one_config does once it has a winner, in the versions that have each step."""
+    release = getattr(autotuner, "_release_static_launchers_except", None)
+    if release is not None:
+        release(launcher)
+    autotuner.launchers = [launcher]
+    prune = getattr(autotuner, "_prune_compile_results_to_launcher", None)
+    if prune is not None:
+        prune(launcher)
+    autotuner.autotune_time_taken_ns = getattr(autotuner, "precompile_time_taken_ns", 0)
+    try:
+        from torch._inductor.triton_bundler import TritonBundler
+
+        if hasattr(TritonBundler, "put_winner") and getattr(launcher, "cache_hash", None):
+            TritonBundler.put_winner(launcher.cache_hash)
+    except ImportError:
+        pass
+
+
+def _stored_winner(session: StoreSession, key: str, launchers: list[Any]) -> Any | None:
+    data = session.get(WINNER_CACHE, key)
+    if data is None:
+        return None
+    try:
+        record = json.loads(data)
+        wanted = (tuple(sorted((str(k), repr(v)) for k, v in record["kwargs"].items())), record["num_warps"], record["num_stages"])
+    except (ValueError, KeyError, TypeError, AttributeError):
+        log.warning("castore: ignoring a malformed autotune winner record %s", key)
+        return None
+    for launcher in launchers:
+        if _config_tuple(launcher.config) == wanted:
+            return launcher
+    return None  # the candidates changed: benchmark as PyTorch would
