@@ -60,6 +60,9 @@ class Config:
     store_wait: float = 5.0
     # Torch integration: how long process exit waits for background uploads.
     flush_timeout: float = 30.0
+    # Torch integration: at a process's first graph lookup, fetch in parallel everything the last process that
+    # compiled that graph used (its fetch plan), instead of one request after another.
+    prefetch: bool = True
     sources: dict[str, str] = field(default_factory=dict, compare=False, repr=False)
 
     def describe(self) -> list[tuple[str, object, str]]:
@@ -79,6 +82,7 @@ _PARSERS: dict[str, Any] = {
     "slow_request": float,
     "store_wait": float,
     "flush_timeout": float,
+    "prefetch": parse_bool,
 }
 ENV_PREFIX = "CASTORE_"
 

@@ -25,6 +25,11 @@ from castore.format.codec import sha256
 
 log = logging.getLogger("castore.torch")
 
+# The first lookup of a process in one of these caches anchors its fetch plan (see StoreSession.get).
+PLAN_ANCHORS = ("aot-autograd", "fx-graph")
+PLAN_FORMAT = 1
+PLAN_LIMIT = 4096  # entries; a plan names what one job compiled, not a whole bucket
+
 
 @dataclass
 class CacheCounters:
@@ -45,6 +50,7 @@ class SessionStats:
     caches: dict[str, CacheCounters] = field(default_factory=lambda: defaultdict(CacheCounters))
     local_hits: int = 0  # objects served by the node's local layer
     bucket_fetches: int = 0  # objects fetched from the bucket
+    prefetched: int = 0  # objects fetched ahead of their lookup, from a fetch plan
     install_seconds: float = 0.0  # castore.torch.install() in this process (hooks, and the torch modules they patch)
     store_open_seconds: float = 0.0  # opening the store (boto3 import and client set-up for s3://)
 
@@ -52,6 +58,7 @@ class SessionStats:
         return {
             "caches": {name: asdict(c) for name, c in sorted(self.caches.items())},
             "layers": {"local": {"hits": self.local_hits}, "bucket": {"fetches": self.bucket_fetches}},
+            "prefetched": self.prefetched,
             "install_seconds": round(self.install_seconds, 3),
             "store_open_seconds": round(self.store_open_seconds, 3),
         }
@@ -116,6 +123,10 @@ class StoreSession:
         self._writer: threading.Thread | None = None
         self._pending = 0
         self._pending_cv = threading.Condition()
+        self._touched: dict[tuple[str, str], None] = {}  # (cache, torch key) read or written, in first-use order
+        self._anchor: tuple[str, str] | None = None
+        self._plan: set[tuple[str, str]] | None = None  # the stored plan's entries, once read
+        self._prefetcher: threading.Thread | None = None
 
     # -- plumbing --------------------------------------------------------------------------------
     @property
@@ -165,6 +176,10 @@ class StoreSession:
     def get(self, cache: str, key: str) -> bytes | None:
         """The stored bytes for PyTorch's key, or None. Never raises."""
         counters = self._counters(cache)
+        if self._anchor is None and cache in PLAN_ANCHORS and self.available():
+            self._anchor = (cache, key)
+            if self.config.prefetch:
+                self._start_prefetch()
         if not self.available():
             with self._stats_lock:
                 counters.skipped += 1
@@ -197,6 +212,7 @@ class StoreSession:
             else:
                 counters.hits += 1
                 counters.bytes_read += len(data)
+                self._touch(cache, key)
         if elapsed > self.config.slow_request:
             # A store this slow costs more than it saves: stop asking for a while.
             self._trip(f"a get taking {elapsed:.1f} s (over slow_request={self.config.slow_request} s)", "slow store")
@@ -237,6 +253,51 @@ class StoreSession:
             self.stats.local_hits = local.stats.hits
             self.stats.bucket_fetches = local.stats.misses
 
+    # -- fetch plans -----------------------------------------------------------------------------
+    # A process reads its graphs' entries one lookup at a time, in PyTorch's order: AOTAutograd, FX, then each
+    # kernel, each a round trip to the bucket on a fresh machine. At exit, a process records what it read or
+    # wrote, keyed by its first graph lookup (the anchor). The next fresh process to make that same first
+    # lookup fetches the whole list at once, in parallel, into the local layer, where its later lookups find it.
+    def plan_key(self, anchor: tuple[str, str]) -> str:
+        return "plan." + sha256(f"{anchor[0]}\0{anchor[1]}".encode("utf-8", "surrogatepass")).hex()
+
+    def _touch(self, cache: str, key: str) -> None:
+        if len(self._touched) < 2 * PLAN_LIMIT:
+            self._touched[(cache, key)] = None
+
+    def _start_prefetch(self) -> None:
+        anchor = self._anchor
+        assert anchor is not None
+
+        def run() -> None:
+            try:
+                store = self.store
+                raw = store.get(self.namespace, self.plan_key(anchor))
+                entries = decode_plan(raw) if raw is not None else []
+                self._plan = set(entries)
+                wanted = [castore_key(k) for c, k in entries if (c, k) != anchor]
+                if wanted:
+                    got = store.get_many(self.namespace, wanted)
+                    with self._stats_lock:
+                        self.stats.prefetched += sum(1 for v in got.values() if v is not None)
+            except Exception as exc:  # noqa: BLE001 - a prefetch is an optimisation; lookups report real failures
+                log.debug("castore: prefetch failed: %s", exc)
+
+        self._prefetcher = threading.Thread(target=run, name="castore-prefetch", daemon=True)
+        self._prefetcher.start()
+
+    def _write_plan(self) -> None:
+        """Queue this process's fetch plan when it names something the stored plan lacks."""
+        if self._anchor is None or self.config.read_only or not self.available():
+            return
+        touched = [entry for entry in list(self._touched) if entry != self._anchor]
+        known = self._plan or set()
+        if not touched or set(touched) <= known:
+            return
+        merged = list(dict.fromkeys(touched + sorted(known - set(touched))))[:PLAN_LIMIT]
+        self._plan = set(merged)
+        self._enqueue(("fetch-plan", self.plan_key(self._anchor), encode_plan(merged), {"artifact": "fetch-plan"}))
+
     # -- writes (background) ---------------------------------------------------------------------
     def put(self, cache: str, key: str, data: bytes, meta: dict[str, object] | None = None) -> None:
         """Queue a write; returns at once. Never raises."""
@@ -246,6 +307,7 @@ class StoreSession:
             with self._stats_lock:
                 self._counters(cache).skipped += 1
             return
+        self._touch(cache, key)
         self._enqueue((cache, key, bytes(data), dict(meta or {})))
 
     def defer(self, fn: Callable[..., None], *args: object) -> None:
@@ -308,6 +370,7 @@ class StoreSession:
         return True
 
     def close(self) -> None:
+        self._write_plan()
         if not self.flush(self.config.flush_timeout):
             log.warning("castore: %d writes still pending after %.0f s at exit; dropped", self._pending, self.config.flush_timeout)
         self.record_stats()
@@ -326,3 +389,19 @@ class StoreSession:
                 json.dump(record, f)
         except OSError as exc:
             log.debug("castore: cannot record stats: %s", exc)
+
+
+def encode_plan(entries: list[tuple[str, str]]) -> bytes:
+    return json.dumps({"v": PLAN_FORMAT, "entries": [list(e) for e in entries]}, separators=(",", ":")).encode()
+
+
+def decode_plan(raw: bytes) -> list[tuple[str, str]]:
+    """A stored plan's entries; an unreadable or newer plan is an empty one."""
+    try:
+        doc = json.loads(raw)
+        if doc.get("v") != PLAN_FORMAT:
+            return []
+        entries = [(str(c), str(k)) for c, k in doc["entries"]]
+    except (ValueError, TypeError, KeyError, AttributeError):
+        return []
+    return entries[:PLAN_LIMIT]
