@@ -266,6 +266,17 @@ class Store:
             self._bump(gets=1, **({"hits": 1, "bytes_read": len(data)} if data is not None else {"misses": 1}))
         return out
 
+    def prefetch(self, namespace: str, keys_: Iterable[str]) -> int:
+        """Bring the objects of many keys into the local layer, in parallel, without decoding them: a later get
+        reads (and verifies) them locally. Returns how many keys are now held; 0 without a local layer."""
+        if self.local is None:
+            return 0
+        wanted = list(dict.fromkeys(keys_))
+        manifests = [m for m in self._pool.map(lambda k: self._stat_for_read(namespace, k), wanted) if m is not None]
+        paths = list(dict.fromkeys(keys.chunk_path(ref.digest) for m in manifests if m.inline is None for ref in m.chunks))
+        held = dict(zip(paths, self._pool.map(lambda p: self.backend.get(p) is not None, paths)))
+        return sum(1 for m in manifests if m.inline is not None or all(held[keys.chunk_path(r.digest)] for r in m.chunks))
+
     def get_file(self, namespace: str, key: str, dest: str | os.PathLike[str], *, progress: ProgressFn | None = None) -> bool:
         """Write the blob to dest atomically. False on a miss."""
         self._bump(gets=1)

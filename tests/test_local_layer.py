@@ -88,6 +88,21 @@ def test_read_through_second_get_is_local(inner: CountingBackend, tmp_path: Path
     assert not _tmp_files(tmp_path)
 
 
+def test_prefetch_fills_the_layer_so_later_gets_ask_nothing(inner: CountingBackend, tmp_path: Path) -> None:
+    blobs = {"big": _rand(3 << 20, seed=2), "small": _rand(1000, seed=3), "mid": _rand(300_000, seed=4)}
+    writer = Store(inner.inner)
+    for key, data in blobs.items():
+        writer.put("ns", key, data)
+    layer = LocalLayer(inner, str(tmp_path / "layer"), 1 << 30)
+    store = Store(layer, workers=4)
+    assert store.prefetch("ns", [*blobs, "absent"]) == 3
+    asked = inner.calls["get"]
+    for key, data in blobs.items():
+        assert store.get("ns", key) == data  # verified on this read, from the layer
+    assert inner.calls["get"] == asked, "a get after the prefetch asked the inner backend"
+    assert Store(inner.inner).prefetch("ns", blobs) == 0  # no local layer: nothing to fill
+
+
 def test_writes_go_through_and_fill_the_layer(inner: CountingBackend, tmp_path: Path) -> None:
     layer = LocalLayer(inner, str(tmp_path / "layer"), 1 << 30)
     store = Store(layer, workers=2)

@@ -3,9 +3,13 @@ compiled the same graph used, so its later lookups are local-layer hits (castore
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
+import pytest
+
 from castore.config import load_config
+from castore.testing.faultproxy import FaultProxy
 from castore.torch.session import StoreSession, decode_plan, encode_plan
 
 AOT = "pt2:aot-autograd-v1::aabbcc:c1"
@@ -31,14 +35,21 @@ def compile_cold(root: Path, url: str) -> None:
     s.close()  # at exit: flush, and write the fetch plan
 
 
+@pytest.fixture
+def far_url(seaweedfs, s3_bucket: str, s3_url: str) -> Iterator[str]:  # noqa: ANN001
+    """The test bucket behind 30 ms of added latency per request: a bucket in the same region, not next door."""
+    with FaultProxy(seaweedfs.endpoint, latency=0.030) as proxy:
+        yield f"s3://{s3_bucket}/prefix?endpoint={proxy.endpoint}"
+
+
 def fetches(s: StoreSession) -> int:
     return s.store.local.stats.misses  # objects the local layer had to fetch from the bucket
 
 
-def test_a_fresh_process_prefetches_everything_at_its_first_graph_lookup(tmp_path: Path, s3_url: str) -> None:
-    compile_cold(tmp_path / "a", s3_url)
+def test_a_fresh_process_prefetches_everything_at_its_first_graph_lookup(tmp_path: Path, far_url: str) -> None:
+    compile_cold(tmp_path / "a", far_url)
 
-    hot = machine(tmp_path / "b", s3_url)
+    hot = machine(tmp_path / "b", far_url)
     assert hot.get("aot-autograd", AOT) == b"aot entry"
     assert hot._prefetcher is not None
     hot._prefetcher.join(30)
@@ -51,21 +62,31 @@ def test_a_fresh_process_prefetches_everything_at_its_first_graph_lookup(tmp_pat
     assert hot.stats.caches["fetch-plan"].puts == 0, "an unchanged plan is not written again"
 
 
-def test_a_process_that_uses_more_extends_the_plan(tmp_path: Path, s3_url: str) -> None:
-    compile_cold(tmp_path / "a", s3_url)
-    second = machine(tmp_path / "b", s3_url)
+def test_a_process_that_uses_more_extends_the_plan(tmp_path: Path, far_url: str) -> None:
+    compile_cold(tmp_path / "a", far_url)
+    second = machine(tmp_path / "b", far_url)
     assert second.get("aot-autograd", AOT) is not None
     second._prefetcher.join(30)
     second.put("fx-graph", "pt2:fx-graph-v1::recompile:c1", b"a graph compiled later")
     second.close()
     assert second.stats.caches["fetch-plan"].puts == 1
 
-    third = machine(tmp_path / "c", s3_url)
+    third = machine(tmp_path / "c", far_url)
     third.get("aot-autograd", AOT)
     third._prefetcher.join(30)
     assert third.stats.prefetched == len(ENTRIES) + 1
     third.close()
     assert third.stats.caches["fetch-plan"].puts == 0
+
+
+def test_a_store_next_door_is_read_lookup_by_lookup(tmp_path: Path, s3_url: str) -> None:
+    # SeaweedFS on loopback answers in a few ms: a parallel fetch would only compete with the compile.
+    compile_cold(tmp_path / "a", s3_url)
+    near = machine(tmp_path / "b", s3_url)
+    assert near.get("aot-autograd", AOT) == b"aot entry"
+    near._prefetcher.join(30)
+    assert near.stats.prefetched == 0
+    assert all(near.get(c, k) is not None for c, k in ENTRIES)
 
 
 def test_prefetch_off_and_read_only_sessions(tmp_path: Path) -> None:

@@ -37,8 +37,14 @@ WINNER_CACHE = "autotune-winner"
 counters = {"winner_hits": 0, "winner_puts": 0, "rechecks_fixed": 0}
 
 
-def _config_tuple(config: Any) -> tuple[Any, ...]:
-    return (tuple(sorted((str(k), repr(v)) for k, v in config.kwargs.items())), config.num_warps, config.num_stages)
+def _config_tuple(kwargs: dict[str, Any], num_warps: Any, num_stages: Any) -> tuple[Any, ...]:
+    """A Triton config as a comparable value: a stored record and a live Config give the same tuple."""
+    return (tuple(sorted((str(k), repr(v)) for k, v in kwargs.items())), num_warps, num_stages)
+
+
+def _launcher_tuple(launcher: Any) -> tuple[Any, ...]:
+    config = launcher.config
+    return _config_tuple(config.kwargs, config.num_warps, config.num_stages)
 
 
 def winner_key(autotuner: Any) -> str | None:
@@ -61,7 +67,7 @@ def winner_key(autotuner: Any) -> str | None:
         material = repr((
             os.path.basename(filename),  # Inductor names a kernel's file by the hash of its source
             autotuner.inductor_meta.get("kernel_name"),
-            sorted(_config_tuple(l.config) for l in launchers),
+            sorted(_launcher_tuple(l) for l in launchers),
             device,
             torch.__version__,
             triton_version,
@@ -195,11 +201,11 @@ def _stored_winner(session: StoreSession, key: str, launchers: list[Any]) -> Any
         return None
     try:
         record = json.loads(data)
-        wanted = (tuple(sorted((str(k), repr(v)) for k, v in record["kwargs"].items())), record["num_warps"], record["num_stages"])
+        wanted = _config_tuple(dict(record["kwargs"]), record["num_warps"], record["num_stages"])
     except (ValueError, KeyError, TypeError, AttributeError):
         log.warning("castore: ignoring a malformed autotune winner record %s", key)
         return None
     for launcher in launchers:
-        if _config_tuple(launcher.config) == wanted:
+        if _launcher_tuple(launcher) == wanted:
             return launcher
     return None  # the candidates changed: benchmark as PyTorch would

@@ -29,6 +29,9 @@ log = logging.getLogger("castore.torch")
 PLAN_ANCHORS = ("aot-autograd", "fx-graph")
 PLAN_FORMAT = 1
 PLAN_LIMIT = 4096  # entries; a plan names what one job compiled, not a whole bucket
+# A plan read faster than this came from the local layer or a store next door: there, one lookup after another
+# costs less than a parallel fetch competing with the compile for the CPU (measured in docs/TORCH.md).
+PREFETCH_MIN_ROUND_TRIP = 0.010
 
 
 @dataclass
@@ -272,14 +275,16 @@ class StoreSession:
         def run() -> None:
             try:
                 store = self.store
+                started = time.monotonic()
                 raw = store.get(self.namespace, self.plan_key(anchor))
+                round_trip = time.monotonic() - started
                 entries = decode_plan(raw) if raw is not None else []
                 self._plan = set(entries)
                 wanted = [castore_key(k) for c, k in entries if (c, k) != anchor]
-                if wanted:
-                    got = store.get_many(self.namespace, wanted)
+                if wanted and round_trip >= PREFETCH_MIN_ROUND_TRIP:
+                    held = store.prefetch(self.namespace, wanted)
                     with self._stats_lock:
-                        self.stats.prefetched += sum(1 for v in got.values() if v is not None)
+                        self.stats.prefetched += held
             except Exception as exc:  # noqa: BLE001 - a prefetch is an optimisation; lookups report real failures
                 log.debug("castore: prefetch failed: %s", exc)
 

@@ -154,11 +154,12 @@ class CastoreTritonCacheManager(_TritonCacheManager):  # type: ignore[misc,valid
         return path
 
     def put(self, data: bytes | str, filename: str, binary: bool = True) -> str:
-        path = self._write(data if isinstance(data, bytes) else str(data), filename)
+        payload = data if isinstance(data, bytes) else str(data).encode("utf-8")
+        path = self._write(payload, filename)
         if self._remote and filename.endswith(_LAUNCHER_SUFFIXES):
             session = _active_session()
             if session is not None:
-                session.put(CACHE_NAME, store_key(self.key, filename), data if isinstance(data, bytes) else str(data).encode())
+                session.put(CACHE_NAME, store_key(self.key, filename), payload)
         return path
 
     def get_group(self, filename: str) -> dict[str, str] | None:
