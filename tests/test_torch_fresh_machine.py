@@ -223,7 +223,9 @@ def test_fresh_machine_compiles_nothing(
     assert fresh.cache("aot-autograd")["hits"] == aot["autograd_cache_hit"], "AOT hits did not come from castore"
     assert fresh.cache("cpp-kernel").get("hits", 0) >= 1 and fresh.cache("cpp-kernel").get("misses", 0) == 0
     assert fresh.bucket_fetches > 0 and fresh_requests > 0, "the hits must have been served from the bucket"
-    assert fresh.stats["layers"]["local"]["hits"] == 0
+    # The local layer started empty: what it served, this process's own prefetch (its fetch plan) had just
+    # brought from the bucket.
+    assert fresh.stats["layers"]["local"]["hits"] == 0 or fresh.stats["prefetched"] > 0, fresh.stats
     assert fresh.total("get_errors") == 0 and fresh.total("puts") == 0
     assert fresh.outputs == cold.outputs, "outputs or gradients differ from the first run"
     # Remote hits were written into PyTorch's own local caches.

@@ -102,7 +102,7 @@ def uninstall() -> None:
         from castore.torch import remote_caches
 
         session: StoreSession = _active["session"]
-        session.flush(session.config.flush_timeout)
+        session.close()
         remote_caches.uninstall(_active["previous"])
         _active["restore_artifacts"]()
         _active["restore_autotune"]()

@@ -130,6 +130,7 @@ class StoreSession:
         self._anchor: tuple[str, str] | None = None
         self._plan: set[tuple[str, str]] | None = None  # the stored plan's entries, once read
         self._prefetcher: threading.Thread | None = None
+        self._closed = False
 
     # -- plumbing --------------------------------------------------------------------------------
     @property
@@ -375,6 +376,10 @@ class StoreSession:
         return True
 
     def close(self) -> None:
+        """Write the fetch plan, wait for pending writes (at most flush_timeout) and record the counters. Once."""
+        if self._closed:
+            return
+        self._closed = True
         self._write_plan()
         if not self.flush(self.config.flush_timeout):
             log.warning("castore: %d writes still pending after %.0f s at exit; dropped", self._pending, self.config.flush_timeout)
