@@ -79,6 +79,25 @@ def test_a_process_that_uses_more_extends_the_plan(tmp_path: Path, far_url: str)
     assert third.stats.caches["fetch-plan"].puts == 0
 
 
+def test_a_process_that_only_reads_narrows_the_plan_to_what_it_read(tmp_path: Path, far_url: str) -> None:
+    compile_cold(tmp_path / "a", far_url)
+    reader = machine(tmp_path / "b", far_url)
+    assert reader.get("aot-autograd", AOT) is not None
+    reader._prefetcher.join(30)
+    used = ENTRIES[:2]  # say the cold compile also wrote kernels that an FX hit never looks up
+    assert all(reader.get(c, k) is not None for c, k in used)
+    reader.close()
+    assert reader.stats.caches["fetch-plan"].puts == 1
+
+    fresh = machine(tmp_path / "c", far_url)
+    fresh.get("aot-autograd", AOT)
+    fresh._prefetcher.join(30)
+    assert fresh.stats.prefetched == len(used)
+    assert all(fresh.get(c, k) is not None for c, k in used)
+    fresh.close()
+    assert fresh.stats.caches["fetch-plan"].puts == 0, "the same reads again: the plan stays as it is"
+
+
 def test_a_store_next_door_is_read_lookup_by_lookup(tmp_path: Path, s3_url: str) -> None:
     # SeaweedFS on loopback answers in a few ms: a parallel fetch would only compete with the compile.
     compile_cold(tmp_path / "a", s3_url)

@@ -131,6 +131,7 @@ class StoreSession:
         self._plan: set[tuple[str, str]] | None = None  # the stored plan's entries, once read
         self._prefetcher: threading.Thread | None = None
         self._closed = False
+        self._wrote = False  # this process queued an entry (it compiled something)
 
     # -- plumbing --------------------------------------------------------------------------------
     @property
@@ -293,14 +294,22 @@ class StoreSession:
         self._prefetcher.start()
 
     def _write_plan(self) -> None:
-        """Queue this process's fetch plan when it names something the stored plan lacks."""
+        """Queue this process's fetch plan when it differs from the stored one.
+
+        A process that compiled something (it wrote entries) adds what it used to the stored plan. A process
+        that only read narrows the plan to what it read: what a fresh machine needs, not everything a cold
+        compile wrote (the Triton kernels of an FX entry's bundle, for one, are never looked up again).
+        """
         if self._anchor is None or self.config.read_only or not self.available():
             return
         touched = [entry for entry in list(self._touched) if entry != self._anchor]
         known = self._plan or set()
-        if not touched or set(touched) <= known:
+        if not touched or set(touched) == known:
             return
-        merged = list(dict.fromkeys(touched + sorted(known - set(touched))))[:PLAN_LIMIT]
+        if self._wrote and set(touched) <= known:
+            return
+        extra = sorted(known - set(touched)) if self._wrote else []
+        merged = list(dict.fromkeys(touched + extra))[:PLAN_LIMIT]
         self._plan = set(merged)
         self._enqueue(("fetch-plan", self.plan_key(self._anchor), encode_plan(merged), {"artifact": "fetch-plan"}))
 
@@ -314,6 +323,7 @@ class StoreSession:
                 self._counters(cache).skipped += 1
             return
         self._touch(cache, key)
+        self._wrote = True
         self._enqueue((cache, key, bytes(data), dict(meta or {})))
 
     def defer(self, fn: Callable[..., None], *args: object) -> None:

@@ -1,0 +1,60 @@
+"""One cold process, then one fresh-machine process, through a real S3 server with 30 ms per request.
+
+    python benchmarks/diag/fresh_machine_smoke.py --model resnet50 --mode infer --device cuda
+
+A quick end-to-end check of the torch integration on a machine (the GPU one, say) before a long benchmark:
+prints, for each process, its time to first output, Triton compiles, autotune calls, prefetched objects and
+castore's per-cache hits and misses.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+
+from castore.bench.hot_load import clean_env, machine_dirs
+from castore.config import load_config
+from castore.testing.faultproxy import FaultProxy
+from castore.testing.seaweedfs import SeaweedFS
+from castore.torch import job_environment
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--model", default="transformer")
+    parser.add_argument("--mode", default="train")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--rtt-ms", type=float, default=30.0)
+    args = parser.parse_args()
+    work = tempfile.mkdtemp(prefix="castore-smoke-")
+    with SeaweedFS() as sw, FaultProxy(sw.endpoint, latency=args.rtt_ms / 1000) as proxy:
+        bucket = sw.create_bucket()
+        for name in ("cold", "fresh"):
+            dirs = machine_dirs(os.path.join(work, name))
+            env = clean_env()
+            env.update({k: v for k, v in sw.env().items() if k != "AWS_ENDPOINT_URL_S3"})
+            config = load_config({"url": f"s3://{bucket}?endpoint={proxy.endpoint}", "cache_dir": dirs["CASTORE_CACHE_DIR"]})
+            env = job_environment(config, "smoke", base=env)
+            env.update(dirs)
+            argv = [sys.executable, "-m", "castore.torch.demo_model", "--model", args.model, "--mode", args.mode, "--device", args.device, "--castore"]
+            done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=300)
+            if done.returncode != 0:
+                print(name, "FAILED", done.stderr[-3000:])
+                continue
+            r = json.loads(done.stdout.strip().splitlines()[-1])
+            c = r.get("castore", {})
+            caches = {k: (v["hits"], v["misses"], v["puts"]) for k, v in c.get("caches", {}).items()}
+            print(json.dumps({"process": name, "first_output_s": r["seconds_to_first_output"], "compile_s": r["seconds_compile"],
+                              "triton_compiles": r.get("triton_compiles"), "autotune_calls": r.get("autotune_calls_total"),
+                              "prefetched": c.get("prefetched"), "autotune_fixes": r.get("autotune_fixes"),
+                              "caches_hits_misses_puts": caches, "digest": r["output_digest"]}), flush=True)
+            warnings = [line for line in done.stderr.splitlines() if "castore" in line.lower()]
+            if warnings:
+                print("  stderr:", warnings[:5])
+
+
+if __name__ == "__main__":
+    main()
