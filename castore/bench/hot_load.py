@@ -361,10 +361,8 @@ class HotLoadBench:
         if "redis-remote" in modes and "redis-remote" not in self.unavailable:
             self.measure(label, POPULATE_MODES["redis"], 0, args, self.redis_env(os.path.join(root, "redis-cold")))
         local_layer = None  # castore's local layer as a castore-hot run left it: the castore-warm starting point
-        cold_runs = max(1, min(self.opts.cold_repeats or self.opts.repeats, self.opts.repeats))
-        cold = None
         for r in range(self.opts.repeats):
-            if r < cold_runs:
+            if r < self.opts.cold_repeats:
                 cold_root = os.path.join(root, f"cold-{r}")
                 bundle = os.path.join(cold_root, "megacache.bin")
                 cold = self.measure(label, "cold", r, args + (["--save-megacache", bundle] if "megacache" in modes else []), self.plain_env(cold_root))
@@ -698,6 +696,7 @@ def main(argv: list[str] | None = None) -> int:
             models = [models[0].split(":")[0] + ":infer"]
         models = models[:1]
         opts.repeats = 1
+    opts.cold_repeats = max(1, min(opts.cold_repeats or opts.repeats, opts.repeats))
     modes = [m.strip() for m in opts.modes.split(",")] if opts.modes else list(QUICK_MODES if opts.quick else MODES)
     unknown = set(modes) - set(MODES)
     if unknown:
@@ -746,7 +745,7 @@ def main(argv: list[str] | None = None) -> int:
         "models": models,
         "modes": modes,
         "repeats": opts.repeats,
-        "cold_repeats": min(opts.cold_repeats or opts.repeats, opts.repeats),
+        "cold_repeats": opts.cold_repeats,
         "layers": opts.layers,
         "batch": opts.batch,
         "rtt_ms": opts.rtt_ms,

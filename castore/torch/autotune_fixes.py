@@ -150,7 +150,7 @@ def install(session: StoreSession) -> Callable[[], None]:
             result = original_one(self, *args, **kwargs)
             if len(self.launchers) == 1:
                 config = self.launchers[0].config
-                record = {"kwargs": {k: v for k, v in config.kwargs.items()}, "num_warps": config.num_warps, "num_stages": config.num_stages}
+                record = {"kwargs": dict(config.kwargs), "num_warps": config.num_warps, "num_stages": config.num_stages}
                 try:
                     session.put(WINNER_CACHE, key, json.dumps(record, sort_keys=True).encode())
                     counters["winner_puts"] += 1
