@@ -1,6 +1,6 @@
 """castore: a content-addressed store for torch.compile artifacts on S3-compatible object storage.
 
-``import castore`` never imports torch (nor boto3 unless an s3:// store is opened).
+``import castore`` never imports torch, nor the S3 client unless an s3:// store is opened.
 """
 
 from __future__ import annotations

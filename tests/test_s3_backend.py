@@ -121,8 +121,7 @@ def test_backend_if_absent_is_honoured(s3_url: str) -> None:
 
 
 def test_backend_lists_more_than_one_page(s3_url: str) -> None:
-    with S3Backend(s3_url) as be:
-        be.client.meta.events.register("before-parameter-build.s3.ListObjectsV2", lambda params, **_: params.setdefault("MaxKeys", 7))
+    with S3Backend(s3_url, list_page_size=7) as be:
         for i in range(20):
             be.put(f"p/{i:02d}", bytes(i))
         assert list(be.list("p/")) == [(f"p/{i:02d}", i) for i in range(20)]

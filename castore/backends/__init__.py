@@ -27,7 +27,7 @@ def open_backend(url: str, **options: Any) -> Backend:
 
         return MemoryBackend(url[len("memory://") :])
     if scheme == "s3":
-        from castore.backends.s3 import S3Backend  # boto3 is imported only for s3:// URLs
+        from castore.backends.s3 import S3Backend  # urllib3 is imported only for s3:// URLs
 
         return S3Backend(url, **options)
     if not scheme and url.startswith(("/", "~", ".")):

@@ -344,7 +344,9 @@ class HotLoadBench:
     def bench_model(self, spec: str, modes: list[str]) -> None:
         model, _, phase = spec.partition(":")
         phase = phase or "infer"
-        args = ["--model", model, "--mode", phase, "--device", self.opts.device]
+        # --fast-exit: the measurement ends at the first output; the GPU machine spent 10 s more per process in
+        # teardown (CUDA, compile workers), device time better spent on repeats.
+        args = ["--model", model, "--mode", phase, "--device", self.opts.device, "--fast-exit"]
         if self.opts.layers:
             args += ["--layers", str(self.opts.layers)]
         if self.opts.batch:

@@ -1,8 +1,11 @@
 """A small HTTP/1.1 proxy on 127.0.0.1 that injects faults in front of an S3 endpoint, for tests and benchmarks.
 
 Faults: a fixed latency added to every *request* (not per connection, so a keep-alive client pays it on each
-call, as it would pay a network round trip), and answering every request with ``503 SlowDown`` (an S3 XML
-error). A store that is *down* needs no proxy: point the client at :func:`closed_port_endpoint`. ::
+call, as it would pay a network round trip), answering every request (``mode="slowdown"``) or the next
+``fail_next`` requests with ``503 SlowDown`` (an S3 XML error), and answering requests signed for a region other
+than ``bucket_region`` with AWS's ``301 PermanentRedirect``. With ``record=True`` it keeps each request's method,
+target, headers and body in ``seen`` (tests of request shapes). A store that is *down* needs no proxy: point
+the client at :func:`closed_port_endpoint`. ::
 
     with FaultProxy(sw.endpoint, latency=0.030) as proxy:      # a 30 ms in-region RTT
         store = castore.open_store(f"s3://b?endpoint={proxy.endpoint}")
@@ -11,17 +14,19 @@ error). A store that is *down* needs no proxy: point the client at :func:`closed
 
 Each client request (request line, headers, Content-Length or chunked body) is read whole, forwarded on its
 own upstream connection with the Host header unchanged (SigV4 signs it), and the response is returned with a
-Content-Length, so boto3's connection pool keeps its connections alive through the proxy. Threads are
+Content-Length, so the client's connection pool keeps its connections alive through the proxy. Threads are
 bounded (``max_connections``); :meth:`stop` closes every socket and joins every thread.
 """
 
 from __future__ import annotations
 
 import http.client
+import re
 import socket
 import threading
 import time
 import uuid
+from dataclasses import dataclass
 from urllib.parse import urlsplit
 
 MODES = ("pass", "slowdown")
@@ -53,6 +58,24 @@ class _BadRequest(Exception):
     pass
 
 
+_MAX_RECORDED = 10_000
+
+
+@dataclass(frozen=True)
+class SeenRequest:
+    method: str
+    target: str
+    headers: dict[str, str]  # lower-case names
+    body: bytes
+
+
+def _signed_region(headers: list[tuple[str, str]]) -> str | None:
+    """The region of a SigV4 Authorization header's credential scope."""
+    auth = next((v for k, v in headers if k.lower() == "authorization"), "")
+    m = re.search(r"Credential=[^/]+/\d{8}/([^/]+)/", auth)
+    return m.group(1) if m else None
+
+
 class FaultProxy:
     """``FaultProxy(upstream, latency=seconds, mode='pass'|'slowdown')``, a context manager.
 
@@ -69,6 +92,7 @@ class FaultProxy:
         max_connections: int = 64,
         upstream_timeout: float = 60.0,
         idle_timeout: float = 120.0,
+        record: bool = False,
     ) -> None:
         parts = urlsplit(upstream if "://" in upstream else "http://" + upstream)
         if parts.scheme != "http" or not parts.hostname:
@@ -79,6 +103,10 @@ class FaultProxy:
         self.max_connections = max_connections
         self.upstream_timeout = upstream_timeout
         self.idle_timeout = idle_timeout
+        self.fail_next = 0
+        self.bucket_region: str | None = None
+        self.record = record
+        self.seen: list[SeenRequest] = []
         self.requests = 0
         self.forwarded = 0
         self.faulted = 0
@@ -183,12 +211,20 @@ class FaultProxy:
                 method, target, version, headers, body = request
                 with self._lock:
                     self.requests += 1
+                    if self.record and len(self.seen) < _MAX_RECORDED:
+                        self.seen.append(SeenRequest(method, target, {k.lower(): v for k, v in headers}, body))
+                    fail = self.mode == "slowdown" or self.fail_next > 0
+                    if fail:
+                        self.fail_next = max(0, self.fail_next - 1)
+                        self.faulted += 1
                 if self.latency > 0 and self._stopping.wait(self.latency):
                     return
-                if self.mode == "slowdown":
-                    with self._lock:
-                        self.faulted += 1
+                signed_region = _signed_region(headers)
+                if fail:
                     response = self._slowdown(method, target)
+                elif self.bucket_region and signed_region and signed_region != self.bucket_region:
+                    response = self._error(301, "PermanentRedirect", "The bucket is in another region.", method, target)
+                    response[2].append(("x-amz-bucket-region", self.bucket_region))
                 else:
                     try:
                         response = self._forward(method, target, headers, body)
@@ -285,7 +321,7 @@ class FaultProxy:
 
     @staticmethod
     def _error(status: int, code: str, message: str, method: str, target: str):  # noqa: ANN205
-        reason = {503: "Slow Down", 502: "Bad Gateway"}.get(status, "Error")
+        reason = {503: "Slow Down", 502: "Bad Gateway", 301: "Moved Permanently"}.get(status, "Error")
         request_id = uuid.uuid4().hex[:16].upper()
         body = (
             '<?xml version="1.0" encoding="UTF-8"?>\n'
@@ -309,4 +345,4 @@ class FaultProxy:
         return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
 
 
-__all__ = ["MODES", "FaultProxy", "closed_port_endpoint"]
+__all__ = ["MODES", "FaultProxy", "SeenRequest", "closed_port_endpoint"]

@@ -3,7 +3,7 @@
     import castore.torch
     castore.torch.install()            # or: CASTORE_URL=s3://... castore run -- python train.py
 
-Only this subpackage imports torch; it never imports boto3 (the store does, for s3:// URLs).
+Only this subpackage imports torch; it never touches S3 directly (the store does, for s3:// URLs).
 """
 
 from __future__ import annotations

@@ -55,7 +55,7 @@ class SessionStats:
     bucket_fetches: int = 0  # objects fetched from the bucket
     prefetched: int = 0  # objects fetched ahead of their lookup, from a fetch plan
     install_seconds: float = 0.0  # castore.torch.install() in this process (hooks, and the torch modules they patch)
-    store_open_seconds: float = 0.0  # opening the store (boto3 import and client set-up for s3://)
+    store_open_seconds: float = 0.0  # opening the store (for s3://, the HTTP client and credentials)
 
     def to_dict(self) -> dict[str, object]:
         return {
@@ -82,7 +82,7 @@ _held_over_fork: list[threading.Lock] = []
 
 
 def _before_fork() -> None:
-    # A store being opened on another thread is half-imported (boto3, castore.backends.s3): a child forked now
+    # A store being opened on another thread is half-imported (castore.backends.s3, urllib3): a child forked now
     # would inherit partially initialised modules for good. Wait for the opening to finish (it does no I/O).
     for session in list(_sessions):
         if session._store_lock.acquire(timeout=10):
@@ -117,7 +117,7 @@ class StoreSession:
     def _start_fresh(self) -> None:
         """Threads, locks, connections and counters of this process. Also run in a forked child (Inductor's
         compile workers fork): the parent's writer and store-opening threads do not exist there, a lock they held
-        would stay held, and a boto3 client must not be shared across a fork."""
+        would stay held, and an HTTP connection pool must not be shared across a fork."""
         self._store = None
         self._store_lock = threading.Lock()
         self.stats = SessionStats()
@@ -150,7 +150,7 @@ class StoreSession:
         return self._store
 
     def prewarm(self) -> None:
-        """Open the store on a background thread (boto3's import and client set-up take about half a second),
+        """Open the store on a background thread (imports, credentials and the connection pool),
         so that it overlaps with model construction and tracing instead of delaying the first cache lookup."""
 
         def open_quietly() -> None:

@@ -1,0 +1,114 @@
+"""Where a castore-hot process spends the time a warm-local one does not: imports, phase by phase.
+
+    python benchmarks/diag/import_diff.py --model resnet50 --mode infer --device cuda --repeats 2
+
+Runs one cold process (PyTorch's local caches) and one castore-cold process (populating a SeaweedFS bucket), then
+alternates warm-local and castore-hot processes under PYTHONPROFILEIMPORTTIME. Prints, per mode, the medians of
+the phases demo_model reports, castore's install and store-open times, and the modules only castore-hot imports,
+by top-level package, with their import self time (all threads). Diagnostic only: no result is committed from it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import os
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+
+from castore.bench.hot_load import clean_env, machine_dirs
+from castore.config import load_config
+from castore.testing.seaweedfs import SeaweedFS
+from castore.torch import job_environment
+
+_LINE = re.compile(r"import time:\s+(\d+) \|\s+(\d+) \|(\s*)(\S+)")
+
+
+def imports(stderr: str) -> dict[str, int]:
+    """module -> self microseconds, from -X importtime output."""
+    out: dict[str, int] = {}
+    for line in stderr.splitlines():
+        m = _LINE.match(line)
+        if m:
+            out[m.group(4)] = int(m.group(1))
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--model", default="cnn")
+    parser.add_argument("--mode", default="infer")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--repeats", type=int, default=2)
+    args = parser.parse_args()
+    work = tempfile.mkdtemp(prefix="castore-impdiff-")
+    demo = [sys.executable, "-m", "castore.torch.demo_model", "--model", args.model, "--mode", args.mode, "--device", args.device]
+    results: dict[str, list[dict]] = collections.defaultdict(list)
+    modules: dict[str, list[dict[str, int]]] = collections.defaultdict(list)
+    with SeaweedFS() as sw:
+        bucket = sw.create_bucket()
+
+        def castore_env(root: str) -> dict[str, str]:
+            dirs = machine_dirs(root)
+            env = clean_env()
+            env.update({k: v for k, v in sw.env().items() if k != "AWS_ENDPOINT_URL_S3"})
+            config = load_config({"url": f"s3://{bucket}?endpoint={sw.endpoint}", "cache_dir": dirs["CASTORE_CACHE_DIR"]})
+            env = job_environment(config, "impdiff", base=env)
+            env.update(dirs)
+            return env
+
+        def run(name: str, argv: list[str], env: dict[str, str], profile: bool) -> None:
+            if profile:
+                env = dict(env, PYTHONPROFILEIMPORTTIME="1")
+            done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=900)
+            if done.returncode != 0:
+                print(name, "FAILED", done.stderr[-2000:], flush=True)
+                return
+            r = json.loads(done.stdout.strip().splitlines()[-1])
+            results[name].append(r)
+            if profile:
+                modules[name].append(imports(done.stderr))
+            print(name, r["seconds_to_first_output"], r["seconds_import"], r["seconds_compile"], flush=True)
+
+        cold_root = os.path.join(work, "cold")
+        cold_env = clean_env()
+        cold_env.update(machine_dirs(cold_root))
+        run("cold", demo, cold_env, False)
+        run("castore-cold", demo + ["--castore"], castore_env(os.path.join(work, "castore-cold")), False)
+        for i in range(args.repeats):
+            run("warm-local", demo, cold_env, True)
+            run("castore-hot", demo + ["--castore"], castore_env(os.path.join(work, f"hot-{i}")), True)
+
+    def med(name: str, get) -> float:  # noqa: ANN001
+        values = [v for v in (get(r) for r in results[name]) if v is not None]
+        return round(statistics.median(values), 3) if values else float("nan")
+
+    for name in ("warm-local", "castore-hot"):
+        print(json.dumps({
+            "mode": name,
+            "first_output": med(name, lambda r: r["seconds_to_first_output"]),
+            "import": med(name, lambda r: r["seconds_import"]),
+            "torch_import": med(name, lambda r: r["seconds_torch_import"]),
+            "compile": med(name, lambda r: r["seconds_compile"]),
+            "install": med(name, lambda r: (r.get("castore") or {}).get("install_seconds")),
+            "store_open": med(name, lambda r: (r.get("castore") or {}).get("store_open_seconds")),
+            "import_self_total_s": round(statistics.median(sum(m.values()) for m in modules[name]) / 1e6, 3) if modules[name] else None,
+        }), flush=True)
+    if modules["warm-local"] and modules["castore-hot"]:
+        base = set().union(*modules["warm-local"])
+        extra: dict[str, float] = collections.defaultdict(float)
+        for m in modules["castore-hot"]:
+            for mod, us in m.items():
+                if mod not in base:
+                    extra[mod.split(".")[0]] += us / len(modules["castore-hot"])
+        print("only in castore-hot, by package (ms self, median-free mean):")
+        for pkg, us in sorted(extra.items(), key=lambda kv: -kv[1])[:25]:
+            print(f"  {pkg:30s} {us / 1000:8.1f}")
+
+
+if __name__ == "__main__":
+    main()
