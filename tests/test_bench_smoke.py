@@ -46,8 +46,29 @@ def test_bench_quick_writes_json_markdown_chart_and_ratios(tmp_path) -> None:  #
     expected = hot["first_output_s"]["median"] / rows["warm-local"]["first_output_s"]["median"]
     assert abs(hot["first_output_over_warm_local"] - expected) < 0.01
     assert hot["digests_match_cold"] is True  # same outputs as the cold compile
+    assert hot["digests_match_writer"] is True  # and as the castore-cold run that filled the bucket
     # (No assertion on hits: on an overloaded machine castore's slow-request breaker may skip the store.)
     # Raw per-process JSON is kept too.
     raw = sorted(p.name for p in (out / "raw").iterdir())
     assert any(name.startswith("mlp_infer-castore-hot-0") for name in raw), raw
     assert all(json.loads((out / "raw" / name).read_text())["result"] for name in raw)
+
+
+def _run(mode: str, digest: str, seconds: float = 1.0):  # noqa: ANN202
+    from castore.bench.hot_load import Run
+
+    result = {"seconds_to_first_output": seconds, "seconds_compile": seconds / 2, "output_digest": digest, "fxgraph": {}}
+    return Run(model="m:infer", mode=mode, repeat=0, ok=True, result=result)
+
+
+def test_a_hot_start_is_checked_against_the_compile_that_wrote_its_caches() -> None:
+    """With autotuning, two cold compiles may pick different configs: castore-hot must reproduce castore-cold's
+    output (it loads its entries), warm-local the cold run's; a re-tuning warm start shows up as a mismatch."""
+    from castore.bench.hot_load import summarize
+
+    runs = [_run("cold", "aaaa", 10), _run("castore-cold", "bbbb", 11), _run("castore-hot", "bbbb", 2),
+            _run("warm-local", "cccc", 2)]  # fmt: skip
+    rows = {r["mode"]: r for r in summarize(runs, ["m:infer"], ["cold", "warm-local", "castore-hot"])}
+    assert rows["castore-hot"]["digests_match_writer"] is True and rows["castore-hot"]["digests_match_cold"] is False
+    assert rows["warm-local"]["digests_match_writer"] is False
+    assert rows["cold"]["digests_match_writer"] is None

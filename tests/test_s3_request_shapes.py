@@ -149,11 +149,12 @@ def test_timeouts_retries_and_pool_come_from_the_store_options(no_aws_env) -> No
         assert (be.max_attempts, be.timeout.connect_timeout, be.max_concurrency) == (6, 0.5, 3)
 
 
-def test_backoff_is_full_jitter_and_capped() -> None:
-    delays = [backoff_delay(a) for a in (1, 2, 3, 10) for _ in range(50)]
-    assert all(0 <= d <= 20 for d in delays)
-    assert max(backoff_delay(1) for _ in range(200)) <= 1.0
-    assert max(backoff_delay(10) for _ in range(200)) > 1.0
+def test_backoff_is_full_jitter_doubling_and_capped() -> None:
+    assert all(0 <= backoff_delay(a, throttled=t) <= 20 for a in (1, 2, 3, 10, 30) for t in (False, True) for _ in range(50))
+    assert max(backoff_delay(1) for _ in range(200)) <= 0.1  # a refused connection: retry soon
+    assert max(backoff_delay(1, throttled=True) for _ in range(200)) <= 0.5  # SlowDown: back off harder
+    assert 0.1 < max(backoff_delay(3) for _ in range(200)) <= 0.4
+    assert max(backoff_delay(30, throttled=True) for _ in range(200)) > 10  # capped, not unbounded
 
 
 def test_an_environment_with_credentials_never_imports_boto(s3_env: dict[str, str], seaweedfs, s3_bucket: str) -> None:  # noqa: ANN001
@@ -247,6 +248,7 @@ def test_throttling_is_retried_then_reported(proxied: S3Backend, proxy: FaultPro
     proxy.fail_next = 2
     assert proxied.get("obj") == b"payload"
     assert (proxy.requests, proxy.faulted, len(slept)) == (3, 2, 2)
+    assert slept[0] <= 0.5 and slept[1] <= 1.0  # throttling backs off from 0.5 s, doubling
     proxy.reset_counters()
     proxy.mode = "slowdown"
     with pytest.raises(BackendError, match="SlowDown"):

@@ -12,7 +12,7 @@ time a fresh machine spent competing with its own compile (README, 'Configuratio
 - Credentials: AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY / AWS_SESSION_TOKEN, else botocore's provider chain
   (profiles, SSO, web identity, container and instance roles, refreshed as they expire), imported only then.
 - Retries: connection errors, timeouts, 5xx and throttling, up to ``max_attempts`` attempts in all, with full
-  jitter exponential backoff (botocore's 'standard' mode).
+  jitter exponential backoff (see backoff_delay).
 """
 
 from __future__ import annotations
@@ -35,12 +35,19 @@ from castore.errors import BackendError, BackendUnavailable, ConfigError
 
 USER_AGENT = "castore/0.1 (S3 SigV4; urllib3)"
 MAX_BACKOFF = 20.0  # seconds, as botocore's standard mode
+TRANSIENT_BASE = 0.1  # seconds: first backoff after a connection error or a 5xx
+THROTTLED_BASE = 0.5  # seconds: first backoff after 503 SlowDown, 429 or a throttling error code
 LIST_PAGE_SIZE = 1000
 # The error codes botocore's standard mode retries, beyond any 5xx status.
 _RETRY_CODES = {
     "RequestTimeout", "RequestTimeoutException", "PriorRequestNotComplete", "InternalError", "ServiceUnavailable",
     "Throttling", "ThrottlingException", "ThrottledException", "RequestThrottledException", "TooManyRequestsException",
     "RequestLimitExceeded", "BandwidthLimitExceeded", "LimitExceededException", "RequestThrottled", "SlowDown",
+}  # fmt: skip
+_THROTTLE_CODES = {
+    "SlowDown", "Throttling", "ThrottlingException", "ThrottledException", "RequestThrottledException",
+    "TooManyRequestsException", "RequestLimitExceeded", "BandwidthLimitExceeded", "LimitExceededException",
+    "RequestThrottled",
 }  # fmt: skip
 _RETRY_STATUS = {429, 500, 502, 503, 504}
 _EXISTS = {"PreconditionFailed", "ConditionalRequestConflict"}  # an If-None-Match put that found an object
@@ -174,9 +181,14 @@ def payload_hash(method: str, body: bytes, *, tls: bool) -> str:
     return sigv4.UNSIGNED_PAYLOAD if tls else hashlib.sha256(body).hexdigest()
 
 
-def backoff_delay(attempt: int) -> float:
-    """Seconds to wait after failed attempt number ``attempt`` (1-based): full jitter, capped."""
-    return min(MAX_BACKOFF, random.random() * (2 ** (attempt - 1)))
+def backoff_delay(attempt: int, *, throttled: bool = False) -> float:
+    """Seconds to wait after failed attempt number ``attempt`` (1-based): full jitter, doubling, capped.
+
+    The base is 0.1 s for connection errors and 5xx, 0.5 s when S3 asks to slow down, as in the AWS SDK for
+    Java's standard policy (botocore starts at 1 s for both): a compile waiting on a cache should not sleep
+    seconds on a server that refuses connections."""
+    base = THROTTLED_BASE if throttled else TRANSIENT_BASE
+    return min(MAX_BACKOFF, random.random() * base * (2 ** (attempt - 1)))
 
 
 class S3Backend(Backend):
@@ -288,8 +300,10 @@ class S3Backend(Backend):
                     self._set_aws_endpoint(bucket_region)
                 attempt -= 1
                 continue
-            if (response.status in _RETRY_STATUS or response.code in _RETRY_CODES) and attempt < self.max_attempts:
-                self._sleep(backoff_delay(attempt))
+            code = response.code
+            if (response.status in _RETRY_STATUS or code in _RETRY_CODES) and attempt < self.max_attempts:
+                throttled = response.status == 429 or code in _THROTTLE_CODES
+                self._sleep(backoff_delay(attempt, throttled=throttled))
                 continue
             return response
 

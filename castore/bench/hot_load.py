@@ -506,6 +506,19 @@ def summarize(runs: list[Run], models: list[str], modes: list[str]) -> list[dict
         label = model if ":" in model else model + ":infer"
         mine = [r for r in runs if r.model == label]
         cold_digest = next((r.result["output_digest"] for r in mine if r.ok and r.mode == "cold"), None)
+
+        def writer_digest(mode: str) -> str | None:
+            """The digest of the run whose caches this mode loads: with autotuning, two cold compiles may pick
+            different kernel configs (and bf16 results), so a hot start is checked against its own writer."""
+            if mode.startswith("castore") and mode != POPULATE_MODES["castore"]:
+                ref = POPULATE_MODES["castore"]
+            elif mode == "redis-remote":
+                ref = POPULATE_MODES["redis"]
+            elif mode in ("warm-local", "megacache"):
+                ref = "cold"
+            else:
+                return None
+            return next((r.result["output_digest"] for r in mine if r.ok and r.mode == ref), None)
         by_mode: dict[str, dict[str, Any]] = {}
         for mode in modes + [POPULATE_MODES["castore"], POPULATE_MODES["redis"]]:
             sel = [r for r in mine if r.mode == mode]
@@ -522,6 +535,9 @@ def summarize(runs: list[Run], models: list[str], modes: list[str]) -> list[dict
                 "first_output_s": _stats([r.result["seconds_to_first_output"] for r in ok]),
                 "compile_s": _stats([r.result["seconds_compile"] for r in ok]),
                 "digests_match_cold": all(r.result.get("output_digest") == cold_digest for r in ok) if cold_digest and ok else None,
+                "digests_match_writer": (
+                    all(r.result.get("output_digest") == writer_digest(mode) for r in ok) if writer_digest(mode) and ok else None
+                ),
                 "fx_hits": _median_of(ok, lambda x: x["fxgraph"].get("fxgraph_cache_hit", 0)),
                 "fx_misses": _median_of(ok, lambda x: x["fxgraph"].get("fxgraph_cache_miss", 0)),
                 "compiler_runs": _median_of(ok, lambda x: x["compiler_runs"]),
