@@ -17,6 +17,7 @@ time a fresh machine spent competing with its own compile (README, 'Configuratio
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import random
@@ -38,16 +39,14 @@ MAX_BACKOFF = 20.0  # seconds, as botocore's standard mode
 TRANSIENT_BASE = 0.1  # seconds: first backoff after a connection error or a 5xx
 THROTTLED_BASE = 0.5  # seconds: first backoff after 503 SlowDown, 429 or a throttling error code
 LIST_PAGE_SIZE = 1000
-# The error codes botocore's standard mode retries, beyond any 5xx status.
-_RETRY_CODES = {
-    "RequestTimeout", "RequestTimeoutException", "PriorRequestNotComplete", "InternalError", "ServiceUnavailable",
-    "Throttling", "ThrottlingException", "ThrottledException", "RequestThrottledException", "TooManyRequestsException",
-    "RequestLimitExceeded", "BandwidthLimitExceeded", "LimitExceededException", "RequestThrottled", "SlowDown",
-}  # fmt: skip
+# The error codes botocore's standard mode retries, beyond any 5xx status: transient ones and throttling.
 _THROTTLE_CODES = {
     "SlowDown", "Throttling", "ThrottlingException", "ThrottledException", "RequestThrottledException",
     "TooManyRequestsException", "RequestLimitExceeded", "BandwidthLimitExceeded", "LimitExceededException",
     "RequestThrottled",
+}  # fmt: skip
+_RETRY_CODES = _THROTTLE_CODES | {
+    "RequestTimeout", "RequestTimeoutException", "PriorRequestNotComplete", "InternalError", "ServiceUnavailable",
 }  # fmt: skip
 _RETRY_STATUS = {429, 500, 502, 503, 504}
 _EXISTS = {"PreconditionFailed", "ConditionalRequestConflict"}  # an If-None-Match put that found an object
@@ -87,7 +86,7 @@ class _Response:
     headers: dict[str, str]  # lower-case names
     body: bytes
 
-    @property
+    @functools.cached_property
     def code(self) -> str:
         """The S3 error code of the XML body, else the status (HEAD responses have no body)."""
         if self.body:
