@@ -15,11 +15,9 @@ import subprocess
 import sys
 import tempfile
 
-from castore.bench.hot_load import clean_env, machine_dirs
-from castore.config import load_config
+from castore.bench.hot_load import castore_machine_env
 from castore.testing.faultproxy import FaultProxy
 from castore.testing.seaweedfs import SeaweedFS
-from castore.torch import job_environment
 
 
 def main() -> None:
@@ -33,12 +31,7 @@ def main() -> None:
     with SeaweedFS() as sw, FaultProxy(sw.endpoint, latency=args.rtt_ms / 1000) as proxy:
         bucket = sw.create_bucket()
         for name in ("cold", "fresh"):
-            dirs = machine_dirs(os.path.join(work, name))
-            env = clean_env()
-            env.update({k: v for k, v in sw.env().items() if k != "AWS_ENDPOINT_URL_S3"})
-            config = load_config({"url": f"s3://{bucket}?endpoint={proxy.endpoint}", "cache_dir": dirs["CASTORE_CACHE_DIR"]})
-            env = job_environment(config, "smoke", base=env)
-            env.update(dirs)
+            env = castore_machine_env(os.path.join(work, name), f"s3://{bucket}?endpoint={proxy.endpoint}", "smoke", sw.env())
             argv = [sys.executable, "-m", "castore.torch.demo_model", "--model", args.model, "--mode", args.mode, "--device", args.device, "--castore"]
             done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=300)
             if done.returncode != 0:

@@ -20,10 +20,8 @@ import subprocess
 import sys
 import tempfile
 
-from castore.bench.hot_load import clean_env, machine_dirs
-from castore.config import load_config
+from castore.bench.hot_load import castore_machine_env, clean_env, machine_dirs
 from castore.testing.seaweedfs import SeaweedFS
-from castore.torch import job_environment
 
 _LINE = re.compile(r"import time:\s+(\d+) \|\s+(\d+) \|(\s*)(\S+)")
 
@@ -53,13 +51,7 @@ def main() -> None:
         bucket = sw.create_bucket()
 
         def castore_env(root: str) -> dict[str, str]:
-            dirs = machine_dirs(root)
-            env = clean_env()
-            env.update({k: v for k, v in sw.env().items() if k != "AWS_ENDPOINT_URL_S3"})
-            config = load_config({"url": f"s3://{bucket}?endpoint={sw.endpoint}", "cache_dir": dirs["CASTORE_CACHE_DIR"]})
-            env = job_environment(config, "impdiff", base=env)
-            env.update(dirs)
-            return env
+            return castore_machine_env(root, f"s3://{bucket}?endpoint={sw.endpoint}", "impdiff", sw.env())
 
         def run(name: str, argv: list[str], env: dict[str, str], profile: bool) -> None:
             if profile:

@@ -93,6 +93,21 @@ def machine_dirs(root: str) -> dict[str, str]:
     return out
 
 
+def castore_machine_env(root: str, url: str, namespace: str, aws_env: dict[str, str]) -> dict[str, str]:
+    """A fresh machine under root whose torch.compile caches are served from the store at url (a castore job's
+    environment, with the server's AWS_* credentials; the endpoint is the URL's own)."""
+    from castore.config import load_config
+    from castore.torch import job_environment
+
+    dirs = machine_dirs(root)
+    env = clean_env()
+    env.update({k: v for k, v in aws_env.items() if k != "AWS_ENDPOINT_URL_S3"})
+    config = load_config({"url": url, "cache_dir": dirs["CASTORE_CACHE_DIR"]})
+    env = job_environment(config, namespace, base=env)
+    env.update(dirs)
+    return env
+
+
 # -- servers ------------------------------------------------------------------------------------------------
 def _free_port() -> int:
     s = socket.socket()
@@ -238,18 +253,8 @@ class HotLoadBench:
         return env
 
     def castore_env(self, root: str, namespace: str, via_proxy: bool = False) -> dict[str, str]:
-        from castore.config import load_config
-        from castore.torch import job_environment
-
-        dirs = machine_dirs(root)
         endpoint = self.proxy.endpoint if via_proxy else self.sw.endpoint
-        url = f"s3://{self.bucket}?endpoint={endpoint}"
-        env = clean_env()
-        env.update({k: v for k, v in self.sw.env().items() if k != "AWS_ENDPOINT_URL_S3"})
-        config = load_config({"url": url, "cache_dir": dirs["CASTORE_CACHE_DIR"]})
-        env = job_environment(config, namespace, base=env)
-        env.update(dirs)
-        return env
+        return castore_machine_env(root, f"s3://{self.bucket}?endpoint={endpoint}", namespace, self.sw.env())
 
     def redis_env(self, root: str) -> dict[str, str]:
         env = self.plain_env(root)
