@@ -72,3 +72,48 @@ def test_a_hot_start_is_checked_against_the_compile_that_wrote_its_caches() -> N
     assert rows["castore-hot"]["digests_match_writer"] is True and rows["castore-hot"]["digests_match_cold"] is False
     assert rows["warm-local"]["digests_match_writer"] is False
     assert rows["cold"]["digests_match_writer"] is None
+
+
+def _report(run_id: str, runs: list, slug: str = "gpu-test") -> dict:  # noqa: ANN001
+    return {"run_id": run_id, "machine_slug": slug, "started": "2026-11-28T05:00:00+0000", "duration_s": 10.0,
+            "models": ["m:infer"], "modes": ["cold", "warm-local", "castore-hot"], "runs": [r.to_dict() for r in runs]}  # fmt: skip
+
+
+def test_merged_calls_pool_their_runs_and_check_each_against_its_own_writer() -> None:
+    """Two device calls of one model: runs renumbered and tagged by call, never-started processes dropped, and a
+    hot start compared with the castore-cold run of its own call (two calls' compiles may differ)."""
+    from castore.bench.hot_load import Run, merge_reports
+
+    first = [_run("cold", "aaaa", 10), _run("castore-cold", "bbbb", 11), _run("castore-hot", "bbbb", 2),
+             _run("warm-local", "aaaa", 2)]  # fmt: skip
+    second = [_run("cold", "cccc", 12), _run("castore-cold", "dddd", 13), _run("castore-hot", "dddd", 4),
+              _run("warm-local", "cccc", 3), Run(model="m:infer", mode="warm-local", repeat=1, error="not run: past --deadline 500 s")]  # fmt: skip
+    merged = merge_reports([_report("call-1", first), _report("call-2", second)])
+
+    assert merged["merged_from"] == ["call-1", "call-2"]
+    hot = [r for r in merged["runs"] if r["mode"] == "castore-hot"]
+    assert [(r["repeat"], r["call"]) for r in hot] == [(0, "call-1"), (1, "call-2")]
+    assert len([r for r in merged["runs"] if r["mode"] == "warm-local"]) == 2  # the unstarted one is gone
+    rows = {r["mode"]: r for r in merged["summary"]}
+    assert rows["castore-hot"]["digests_match_writer"] is True
+    assert rows["warm-local"]["digests_match_cold"] is True
+    assert rows["castore-hot"]["first_output_s"]["median"] == 3.0
+    assert rows["castore-hot"]["first_output_over_warm_local"] == 1.2  # 3.0 / 2.5, medians of the pooled runs
+
+
+def test_merging_results_of_different_machines_is_refused() -> None:
+    from castore.bench.hot_load import merge_reports
+
+    with pytest.raises(SystemExit, match="different machines"):
+        merge_reports([_report("a", [_run("cold", "aaaa")], "gpu-h100"), _report("b", [_run("cold", "aaaa")], "gpu-h200")])
+
+
+def test_each_repeat_rotates_the_order_of_the_modes() -> None:
+    """No mode always runs right after the same other mode (a writer's page-cache flush, a GPU context teardown)."""
+    from castore.bench.hot_load import rotated
+
+    modes = ["warm-local", "castore-hot", "castore-hot+rtt"]
+    orders = [rotated(modes, r) for r in range(4)]
+    assert orders[0] == modes and orders[3] == modes
+    assert [o[0] for o in orders[:3]] == modes  # each mode leads once in three repeats
+    assert all(sorted(o) == sorted(modes) for o in orders)

@@ -14,8 +14,9 @@ under a timeout; a failure is recorded, never fatal. Modes:
 ==================  ========================================================================================
 
 Populating runs (one castore cold run into the bucket, one Redis cold run) are recorded as ``castore-cold``
-and ``redis-cold``. Repeats are interleaved (round r runs every mode once) so that background load on a
-shared machine hits every mode alike. The benchmark starts SeaweedFS (``weed``) and ``redis-server`` itself
+and ``redis-cold``. Repeats are interleaved (round r runs every mode once, in an order rotated by
+one each round) so that background load on a shared machine, and whatever one process leaves to the next,
+hits every mode alike. The benchmark starts SeaweedFS (``weed``) and ``redis-server`` itself
 on 127.0.0.1 and installs nothing. ::
 
     python benchmarks/hot_load.py                      # defaults for this machine (CPU or GPU)
@@ -173,6 +174,15 @@ class RedisServer:
             shutil.rmtree(self._dir, ignore_errors=True)
 
 
+def rotated(modes: list[str], repeat: int) -> list[str]:
+    """The order of the modes in one repeat, rotated by one each repeat: a process that runs right after another
+    kind (one that wrote its caches, or left the GPU driver busy) is not always the same mode's."""
+    if not modes:
+        return modes
+    k = repeat % len(modes)
+    return modes[k:] + modes[:k]
+
+
 # -- one process ---------------------------------------------------------------------------------------------
 @dataclass
 class Run:
@@ -187,9 +197,10 @@ class Run:
     stderr_tail: str = ""
     argv: list[str] = field(default_factory=list)
     breaker: bool = False  # castore said it compiled without the store (circuit breaker opened)
+    call: str | None = None  # run_id of the benchmark command that measured it (results pooled by --merge)
 
     def to_dict(self) -> dict[str, Any]:
-        keys = ("model", "mode", "repeat", "ok", "returncode", "wall_seconds", "error", "breaker", "argv", "result", "stderr_tail")
+        keys = ("model", "mode", "repeat", "ok", "returncode", "wall_seconds", "error", "breaker", "argv", "result", "stderr_tail", "call")
         return {k: getattr(self, k) for k in keys}
 
 
@@ -205,14 +216,23 @@ def run_process(python: str, args: list[str], env: dict[str, str], timeout: floa
         return None, "", "", 0.0, f"could not start: {exc}"
     try:
         out, err = proc.communicate(timeout=timeout)
-        return proc.returncode, out, err, time.time() - start, None
     except subprocess.TimeoutExpired:
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)  # compile workers included
-        except ProcessLookupError:
-            pass
+        _kill_group(proc.pid)
         out, err = proc.communicate()
         return None, out, err, time.time() - start, f"timeout after {timeout:.0f} s"
+    wall = time.time() - start
+    # A process that leaves with os._exit (--fast-exit) can leave compile workers behind, still shutting down:
+    # they must not run into the next process's measurement.
+    _kill_group(proc.pid)
+    return proc.returncode, out, err, wall, None
+
+
+def _kill_group(pgid: int) -> None:
+    """SIGKILL to what is left of a demo process's session (its compile workers included)."""
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
 
 
 def _last_json(text: str) -> dict[str, Any] | None:
@@ -267,9 +287,9 @@ class HotLoadBench:
 
     # -- one measured process
     def measure(self, model: str, mode: str, repeat: int, args: list[str], env: dict[str, str]) -> Run:
-        run = Run(model=model, mode=mode, repeat=repeat, argv=list(args))
+        run = Run(model=model, mode=mode, repeat=repeat, argv=list(args), call=self.run_id)
         if self.opts.deadline and time.time() - self.started > self.opts.deadline:
-            run.error = f"not run: past --deadline {self.opts.deadline:.0f} s"
+            run.error = f"{NOT_STARTED} {self.opts.deadline:.0f} s"
             self.say(f"{model} {mode} #{repeat}: {run.error}")
             self.runs.append(run)
             return run
@@ -289,15 +309,12 @@ class HotLoadBench:
         else:
             self.say(f"  FAILED: {run.error}: {run.stderr_tail[-300:]!r}")
         self.runs.append(run)
-        os.makedirs(self.raw_dir, exist_ok=True)
-        name = re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{model}-{mode}-{repeat}")
-        with open(os.path.join(self.raw_dir, name + ".json"), "w") as f:
-            json.dump(run.to_dict(), f, indent=1)
+        write_raw_run(self.raw_dir, run.to_dict())
         return run
 
     def failed(self, model: str, mode: str, repeat: int, why: str) -> None:
         self.say(f"{model} {mode} #{repeat}: skipped ({why})")
-        self.runs.append(Run(model=model, mode=mode, repeat=repeat, error=why))
+        self.runs.append(Run(model=model, mode=mode, repeat=repeat, error=why, call=self.run_id))
 
     # -- servers
     def start_servers(self, modes: list[str], need_s3: bool) -> None:
@@ -374,9 +391,7 @@ class HotLoadBench:
                 bundle = os.path.join(cold_root, "megacache.bin")
                 cold = self.measure(label, "cold", r, args + (["--save-megacache", bundle] if "megacache" in modes else []), self.plain_env(cold_root))
             # else: warm-local and megacache start again from the last cold run's caches (--cold-repeats)
-            for mode in modes:
-                if mode == "cold":
-                    continue
+            for mode in rotated([m for m in modes if m != "cold"], r):
                 if mode in self.unavailable:
                     self.failed(label, mode, r, self.unavailable[mode])
                     continue
@@ -510,20 +525,27 @@ def summarize(runs: list[Run], models: list[str], modes: list[str]) -> list[dict
     for model in models:
         label = model if ":" in model else model + ":infer"
         mine = [r for r in runs if r.model == label]
-        cold_digest = next((r.result["output_digest"] for r in mine if r.ok and r.mode == "cold"), None)
+        def digest_of(ref: str, call: str | None) -> str | None:
+            """The output digest of the call's first ok run of mode ref (each call compiled its own caches)."""
+            return next((r.result["output_digest"] for r in mine if r.ok and r.mode == ref and r.call == call), None)
 
-        def writer_digest(mode: str) -> str | None:
-            """The digest of the run whose caches this mode loads: with autotuning, two cold compiles may pick
-            different kernel configs (and bf16 results), so a hot start is checked against its own writer."""
+        def writer_of(mode: str) -> str | None:
+            """The mode whose caches this mode loads: with autotuning, two cold compiles may pick different kernel
+            configs (and bf16 results), so a hot start is checked against its own writer."""
             if mode.startswith("castore") and mode != POPULATE_MODES["castore"]:
-                ref = POPULATE_MODES["castore"]
-            elif mode == "redis-remote":
-                ref = POPULATE_MODES["redis"]
-            elif mode in ("warm-local", "megacache"):
-                ref = "cold"
-            else:
+                return POPULATE_MODES["castore"]
+            if mode == "redis-remote":
+                return POPULATE_MODES["redis"]
+            if mode in ("warm-local", "megacache"):
+                return "cold"
+            return None
+
+        def all_match(ok: list[Run], ref: str | None) -> bool | None:
+            """Every run's digest equals its own call's ref run's; None where there is nothing to compare."""
+            pairs = [(r.result.get("output_digest"), digest_of(ref, r.call)) for r in ok] if ref else []
+            if not pairs or any(want is None for _, want in pairs):
                 return None
-            return next((r.result["output_digest"] for r in mine if r.ok and r.mode == ref), None)
+            return all(got == want for got, want in pairs)
         by_mode: dict[str, dict[str, Any]] = {}
         for mode in modes + [POPULATE_MODES["castore"], POPULATE_MODES["redis"]]:
             sel = [r for r in mine if r.mode == mode]
@@ -539,10 +561,8 @@ def summarize(runs: list[Run], models: list[str], modes: list[str]) -> list[dict
                 "errors": sorted({r.error for r in sel if r.error}),
                 "first_output_s": _stats([r.result["seconds_to_first_output"] for r in ok]),
                 "compile_s": _stats([r.result["seconds_compile"] for r in ok]),
-                "digests_match_cold": all(r.result.get("output_digest") == cold_digest for r in ok) if cold_digest and ok else None,
-                "digests_match_writer": (
-                    all(r.result.get("output_digest") == writer_digest(mode) for r in ok) if writer_digest(mode) and ok else None
-                ),
+                "digests_match_cold": all_match(ok, "cold"),
+                "digests_match_writer": all_match(ok, writer_of(mode)),
                 "fx_hits": _median_of(ok, lambda x: x["fxgraph"].get("fxgraph_cache_hit", 0)),
                 "fx_misses": _median_of(ok, lambda x: x["fxgraph"].get("fxgraph_cache_miss", 0)),
                 "compiler_runs": _median_of(ok, lambda x: x["compiler_runs"]),
@@ -586,12 +606,25 @@ def _fmt_breaker(row: dict[str, Any]) -> str:
     return f"{_fmt_n(row.get('castore_skipped'))} (breaker in {row['castore_breaker_runs']}/{row['ok']})"
 
 
+def _process_count(report: dict[str, Any]) -> str:
+    """How many processes each mode's medians are over: the repeats of one command, or a range once pooled."""
+    if report.get("merged_from"):
+        counts = sorted({row["runs"] for row in report["summary"] if not row["populating_run"] and row["mode"] != "cold"})
+        if counts and counts[0] != counts[-1]:
+            return f"{counts[0]}–{counts[-1]}"
+    return str(report["repeats"])
+
+
 def markdown(report: dict[str, Any]) -> str:
     m = report["machine"]
     lines = [
         f"### Hot load: {report['machine_slug']} (torch {m.get('torch')}, {m.get('device_name') or str(m.get('cpus')) + ' CPUs'}), "
-        f"{report['repeats']} processes per mode"
-        + (f" ({report['cold_repeats']} cold)" if report.get("cold_repeats", report["repeats"]) != report["repeats"] else "")
+        f"{_process_count(report)} processes per mode"
+        + (
+            f", pooled from {len(report['merged_from'])} results (the ok column counts each mode's)"
+            if report.get("merged_from")
+            else f" ({report['cold_repeats']} cold)" if report.get("cold_repeats", report["repeats"]) != report["repeats"] else ""
+        )
         + ", medians (min–max)",
         "",
         "| model | mode | ok | first output s | compile s | ×warm-local | ×cold | FX hits | C++ runs | Triton compiles | autotune calls | store skipped |",
@@ -658,7 +691,7 @@ def chart(report: dict[str, Any], path: str) -> str | None:
     ax.set_xticks(range(len(models)))
     ax.set_xticklabels(models)
     ax.set_ylabel("seconds from process start to first compiled output")
-    ax.set_title(f"torch.compile hot load, {report['machine_slug']} (median, min–max over {report['repeats']} processes)", fontsize=9)
+    ax.set_title(f"torch.compile hot load, {report['machine_slug']} (median, min–max over {_process_count(report)} processes)", fontsize=9)
     ax.legend(fontsize=8, ncol=2)
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
@@ -690,6 +723,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--keep-work", action="store_true", help="keep the per-process dirs")
     p.add_argument("--append", action="store_true", help="keep the runs of other models already in OUT/hot_load.json (split a long run into several commands)")
     p.add_argument("--rebuild", metavar="DIR", help="only recompute summary, markdown and chart from DIR/hot_load.json")
+    p.add_argument(
+        "--merge", metavar="DIR", nargs="+",
+        help="pool the runs of several result dirs of one machine into --out (more processes per mode than one "
+        "device call has time for); each run keeps the run_id of its call, processes never started are dropped",
+    )
     p.add_argument("--deadline", type=float, help="start no process after this many seconds (the report is still written)")
     p.add_argument("--note", help="free text stored in the JSON (default: a noise note on CPU)")
     return p.parse_args(argv)
@@ -700,11 +738,21 @@ def main(argv: list[str] | None = None) -> int:
     if opts.rebuild:
         with open(os.path.join(opts.rebuild, "hot_load.json")) as f:
             report = json.load(f)
-        runs = [Run(**{k: v for k, v in r.items()}) for r in report["runs"]]
+        runs = [_run_of(r) for r in report["runs"]]
         report["summary"] = summarize(runs, report["models"], report["modes"])
         if opts.note is not None:
             report["note"] = opts.note
         print(write_report(report, opts.rebuild, say=lambda m: print(m, file=sys.stderr)), flush=True)
+        return 0
+    if opts.merge:
+        if not opts.out:
+            raise SystemExit("--merge needs --out")
+        report = merge_reports([_read_report(d) for d in opts.merge])
+        if opts.note is not None:
+            report["note"] = opts.note
+        os.makedirs(opts.out, exist_ok=True)
+        _write_raw(report["runs"], os.path.join(opts.out, "raw"))
+        print(write_report(report, opts.out, say=lambda m: print(m, file=sys.stderr)), flush=True)
         return 0
     python = opts.python or sys.executable
     info = probe_machine(python)
@@ -751,7 +799,7 @@ def main(argv: list[str] | None = None) -> int:
             shutil.rmtree(bench.work, ignore_errors=True)
     if previous is not None:  # runs of the other models, from earlier commands
         kept = [r for r in previous.get("runs", []) if r["model"] not in models]
-        bench.runs[:0] = [Run(**r) for r in kept]
+        bench.runs[:0] = [_run_of(r) for r in kept]
         models = [m for m in previous.get("models", []) if m not in models] + models
         modes = [m for m in MODES if m in set(modes) | set(previous.get("modes", []))]
         if dedup_result is None:
@@ -781,6 +829,73 @@ def main(argv: list[str] | None = None) -> int:
     }
     print(write_report(report, opts.out, bench.say), flush=True)
     return 0
+
+
+NOT_STARTED = "not run: past --deadline"
+
+
+def _read_report(directory: str) -> dict[str, Any]:
+    with open(os.path.join(directory, "hot_load.json")) as f:
+        return json.load(f)
+
+
+def merge_reports(reports: list[dict[str, Any]]) -> dict[str, Any]:
+    """One report of the runs of several, all from one machine: each (model, mode)'s runs renumbered in order,
+    tagged with the run_id of the call that measured them. Ratios stay side by side: every call measured its own
+    baselines, interleaved with the castore modes."""
+    if not reports:
+        raise ValueError("nothing to merge")
+    slugs = {r["machine_slug"] for r in reports}
+    if len(slugs) != 1:
+        raise SystemExit(f"refusing to pool runs of different machines: {', '.join(sorted(slugs))}")
+    runs: list[dict[str, Any]] = []
+    counts: dict[tuple[str, str], int] = {}
+    for report in reports:
+        for run in report["runs"]:
+            if (run.get("error") or "").startswith(NOT_STARTED):
+                continue
+            key = (run["model"], run["mode"])
+            run = dict(run, repeat=counts.get(key, 0), call=run.get("call") or report["run_id"])
+            counts[key] = run["repeat"] + 1
+            runs.append(run)
+    models = list(dict.fromkeys(m for r in reports for m in r["models"]))
+    modes = [m for m in MODES if any(m in r["modes"] for r in reports)]
+    first = reports[0]
+    calls = list(dict.fromkeys(run["call"] for run in runs))
+    merged = dict(first)
+    merged.update({
+        "run_id": "merged-" + uuid.uuid4().hex[:6],
+        "merged_from": calls,
+        "started": min(r["started"] for r in reports),
+        "duration_s": round(sum(r.get("duration_s") or 0 for r in reports), 1),
+        "models": models,
+        "modes": modes,
+        "repeats": max(counts.values(), default=0),
+        "cold_repeats": max((n for (_, mode), n in counts.items() if mode == "cold"), default=0),
+        "summary": summarize([_run_of(r) for r in runs], models, modes),
+        "dedup": next((r["dedup"] for r in reports if r.get("dedup")), None),
+        "runs": runs,
+    })
+    return merged
+
+
+def _run_of(run: dict[str, Any]) -> Run:
+    return Run(**{k: v for k, v in run.items() if k in Run.__dataclass_fields__})
+
+
+def write_raw_run(raw_dir: str, run: dict[str, Any]) -> None:
+    """raw/<model>-<mode>-<repeat>.json: one process, with its longer stderr tail."""
+    os.makedirs(raw_dir, exist_ok=True)
+    name = re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{run['model']}-{run['mode']}-{run['repeat']}")
+    with open(os.path.join(raw_dir, name + ".json"), "w") as f:
+        json.dump(run, f, indent=1)
+
+
+def _write_raw(runs: list[dict[str, Any]], raw_dir: str) -> None:
+    if os.path.isdir(raw_dir):
+        shutil.rmtree(raw_dir)
+    for run in runs:
+        write_raw_run(raw_dir, run)
 
 
 def write_report(report: dict[str, Any], out: str, say: Any) -> str:
