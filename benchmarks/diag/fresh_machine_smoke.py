@@ -8,12 +8,12 @@ castore's per-cache hits and misses.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import subprocess
-import sys
 import tempfile
+
+from _demo import demo_argv, parse_model_args
 
 from castore.bench.hot_load import castore_machine_env
 from castore.testing.faultproxy import FaultProxy
@@ -21,19 +21,13 @@ from castore.testing.seaweedfs import SeaweedFS
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--model", default="transformer")
-    parser.add_argument("--mode", default="train")
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--rtt-ms", type=float, default=30.0)
-    args = parser.parse_args()
+    args = parse_model_args("transformer", "train", rtt_ms=(float, 30.0))
     work = tempfile.mkdtemp(prefix="castore-smoke-")
     with SeaweedFS() as sw, FaultProxy(sw.endpoint, latency=args.rtt_ms / 1000) as proxy:
         bucket = sw.create_bucket()
         for name in ("cold", "fresh"):
             env = castore_machine_env(os.path.join(work, name), f"s3://{bucket}?endpoint={proxy.endpoint}", "smoke", sw.env())
-            argv = [sys.executable, "-m", "castore.torch.demo_model", "--model", args.model, "--mode", args.mode, "--device", args.device, "--castore"]
-            done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=300)
+            done = subprocess.run(demo_argv(args, "--castore"), env=env, capture_output=True, text=True, timeout=300)
             if done.returncode != 0:
                 print(name, "FAILED", done.stderr[-3000:])
                 continue

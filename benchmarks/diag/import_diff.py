@@ -10,15 +10,15 @@ by top-level package, with their import self time (all threads). Diagnostic only
 
 from __future__ import annotations
 
-import argparse
 import collections
 import json
 import os
 import re
 import statistics
 import subprocess
-import sys
 import tempfile
+
+from _demo import demo_argv, parse_model_args
 
 from castore.bench.hot_load import castore_machine_env, clean_env, machine_dirs
 from castore.testing.seaweedfs import SeaweedFS
@@ -37,14 +37,9 @@ def imports(stderr: str) -> dict[str, int]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--model", default="cnn")
-    parser.add_argument("--mode", default="infer")
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--repeats", type=int, default=2)
-    args = parser.parse_args()
+    args = parse_model_args("cnn", "infer", repeats=(int, 2))
     work = tempfile.mkdtemp(prefix="castore-impdiff-")
-    demo = [sys.executable, "-m", "castore.torch.demo_model", "--model", args.model, "--mode", args.mode, "--device", args.device]
+    demo = demo_argv(args)
     results: dict[str, list[dict]] = collections.defaultdict(list)
     modules: dict[str, list[dict[str, int]]] = collections.defaultdict(list)
     with SeaweedFS() as sw:

@@ -10,25 +10,19 @@ and the medians. Diagnostic only: no result is committed from it.
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import subprocess
-import sys
 import tempfile
+
+from _demo import demo_argv, parse_model_args
 
 from castore.bench.hot_load import clean_env, machine_dirs
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--model", default="cnn")
-    parser.add_argument("--mode", default="infer")
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--repeats", type=int, default=3)
-    args = parser.parse_args()
-    demo = [sys.executable, "-m", "castore.torch.demo_model", "--model", args.model, "--mode", args.mode,
-            "--device", args.device, "--fast-exit"]
+    args = parse_model_args("cnn", "infer", repeats=(int, 3))
+    demo = demo_argv(args, "--fast-exit")
     env = clean_env()
     env.update(machine_dirs(tempfile.mkdtemp(prefix="castore-poolab-")))
     results: dict[str, list[dict]] = {"pool": [], "no-pool": []}

@@ -525,6 +525,7 @@ def summarize(runs: list[Run], models: list[str], modes: list[str]) -> list[dict
     for model in models:
         label = model if ":" in model else model + ":infer"
         mine = [r for r in runs if r.model == label]
+
         def digest_of(ref: str, call: str | None) -> str | None:
             """The output digest of the call's first ok run of mode ref (each call compiled its own caches)."""
             return next((r.result["output_digest"] for r in mine if r.ok and r.mode == ref and r.call == call), None)
@@ -860,9 +861,8 @@ def merge_reports(reports: list[dict[str, Any]]) -> dict[str, Any]:
             runs.append(run)
     models = list(dict.fromkeys(m for r in reports for m in r["models"]))
     modes = [m for m in MODES if any(m in r["modes"] for r in reports)]
-    first = reports[0]
     calls = list(dict.fromkeys(run["call"] for run in runs))
-    merged = dict(first)
+    merged = dict(reports[0])
     merged.update({
         "run_id": "merged-" + uuid.uuid4().hex[:6],
         "merged_from": calls,
