@@ -216,6 +216,10 @@ def test_fresh_machine_compiles_nothing(
     fresh_requests = proxy.requests
     show("fresh machine, populated bucket", fresh)
     assert fresh.result["compiler_runs"] == 0, f"a fresh machine ran the C++ compiler {fresh.result['compiler_runs']} times"
+    if cold.result["isa_probe_hooked"]:  # torch with VecISA._probe_load: the probe's verdict comes from the bucket
+        assert cold.result["isa_probes_run"] >= 1 and cold.cache("isa-probe").get("puts", 0) >= 1, cold.stats
+        assert fresh.result["isa_probes_run"] == 0, "a fresh machine started the ISA probe's child"
+        assert fresh.cache("isa-probe").get("hits", 0) >= 1, fresh.stats
     inductor, aot = fresh.result["counters"]["inductor"], fresh.result["counters"]["aot_autograd"]
     assert inductor.get("fxgraph_cache_hit", 0) >= 1 and inductor.get("fxgraph_cache_miss", 0) == 0, inductor
     assert aot.get("autograd_cache_hit", 0) >= 1 and aot.get("autograd_cache_miss", 0) == 0, aot

@@ -59,7 +59,7 @@ def install(url: str | None = None, *, config: Config | None = None, namespace: 
         import torch._functorch.config
         import torch._inductor.config
 
-        from castore.torch import artifacts, autotune_fixes, remote_caches
+        from castore.torch import artifacts, autotune_fixes, isa_probe, remote_caches
 
         session = StoreSession(config, namespace or default_namespace())
         previous = remote_caches.install(session)
@@ -75,6 +75,7 @@ def install(url: str | None = None, *, config: Config | None = None, namespace: 
             setattr(mod, name, True)
         restore_artifacts = artifacts.install(session)
         restore_autotune = autotune_fixes.install(session)
+        restore_isa_probe = isa_probe.install(session)
         exported = job_environment(config, session.namespace)
         saved_env = {name: os.environ.get(name) for name, value in exported.items() if os.environ.get(name) != value}
         saved_path = list(sys.path)
@@ -85,6 +86,7 @@ def install(url: str | None = None, *, config: Config | None = None, namespace: 
             previous=previous,
             restore_artifacts=restore_artifacts,
             restore_autotune=restore_autotune,
+            restore_isa_probe=restore_isa_probe,
             saved_switches=saved_switches,
             saved_env=saved_env,
             saved_path=saved_path,
@@ -106,6 +108,7 @@ def uninstall() -> None:
         remote_caches.uninstall(_active["previous"])
         _active["restore_artifacts"]()
         _active["restore_autotune"]()
+        _active["restore_isa_probe"]()
         for mod, name, value in _active["saved_switches"]:
             setattr(mod, name, value)
         for name, value in _active["saved_env"].items():

@@ -24,6 +24,7 @@ import torch  # noqa: E402
 if USE_CASTORE:
     import castore.torch
     import castore.torch.artifacts
+    import castore.torch.isa_probe
 
     castore.torch.install()
     _plain_runs = None
@@ -74,6 +75,9 @@ result = {
     "grads": {name: digest(p.grad) for name, p in model.named_parameters()},
     "output_sum": float(y.detach().double().sum()),
     "compiler_runs": castore.torch.artifacts.compiler_runs if USE_CASTORE else _plain_runs[0],  # type: ignore[index]
+    # ISA probe children (a child Python dlopening the probe .so) started in this process, where castore hooks them
+    "isa_probes_run": castore.torch.isa_probe.probes_run if USE_CASTORE else None,
+    "isa_probe_hooked": USE_CASTORE and hasattr(torch._inductor.cpu_vec_isa.VecISA, "_probe_load"),
     "counters": {
         "inductor": {k: v for k, v in counters["inductor"].items() if k.startswith("fxgraph")},
         "aot_autograd": {k: v for k, v in counters["aot_autograd"].items() if k.startswith("autograd_cache")},
