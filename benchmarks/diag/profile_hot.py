@@ -1,0 +1,160 @@
+"""Where a warm start's wall time goes, thread by thread: warm-local, castore-hot and castore-hot+rtt under py-spy.
+
+    python benchmarks/diag/profile_hot.py --model gpt2 --mode infer --device cuda --repeats 3 --out $OUT/prof
+
+One cold process fills PyTorch's local caches, one castore-cold process a SeaweedFS bucket; then the three warm
+modes alternate (order rotated each repeat), each process sampled by ``py-spy record --threads --idle
+--subprocesses`` ($CASTORE_PY_SPY, else py-spy on PATH). Writes each process's raw samples under --out and
+prints, per mode: the phases demo_model reports, the seconds each thread of the measured process was sampled,
+the CPU seconds of its subprocesses by kind, and the functions of the main thread whose inclusive time differs
+most between castore-hot and the other two modes. Diagnostic only: no result is committed from it.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+import re
+import shutil
+import statistics
+import subprocess
+import tempfile
+
+from _demo import demo_argv, parse_model_args
+
+from castore.bench.hot_load import castore_machine_env, clean_env, machine_dirs, rotated
+from castore.testing.faultproxy import FaultProxy
+from castore.testing.seaweedfs import SeaweedFS
+
+MODES = ["warm-local", "castore-hot", "castore-hot+rtt"]
+_LINE = re.compile(r"^(.*) (\d+)$")
+_FRAME = re.compile(r"^(.*) \((.*?)(?::\d+)?\)$")  # "function (file:line)" -> function, file
+
+
+def py_spy() -> str:
+    found = os.environ.get("CASTORE_PY_SPY") or shutil.which("py-spy")
+    if not found:
+        raise SystemExit("py-spy not found: pip install py-spy, or set CASTORE_PY_SPY")
+    return found
+
+
+_PROCESS = re.compile(r'^process (\d+):"(.*)"$')
+_THREAD = re.compile(r"^thread \((\d+)\)(?::\s*(.*))?$")
+
+
+def parse_raw(path: str, rate: int) -> dict[str, object]:
+    """Seconds per thread of the demo process, CPU seconds per kind of subprocess, main-thread inclusive seconds
+    per function (each function counted once per sample). The demo process is the one running demo_model.py
+    (py-spy does not always read a command line); a thread sampled without its name is named by its id."""
+    samples: list[tuple[str, str, str, list[str], float]] = []  # pid, command, thread, frames, seconds
+    for line in open(path):
+        m = _LINE.match(line.rstrip("\n"))
+        if not m or not line.startswith("process "):
+            continue  # a multi-line command (an ISA probe's python -c) spills onto lines of its own
+        stack = m.group(1).split(";")
+        pm, tm = _PROCESS.match(stack[0]), _THREAD.match(stack[1]) if len(stack) > 1 else None
+        if not pm or not tm:
+            continue
+        name = tm.group(2) or ("MainThread" if tm.group(1) == pm.group(1) else "unnamed")
+        name = re.sub(r"[-_ ]?\d+$", "", name.strip()) or "unnamed"
+        samples.append((pm.group(1), pm.group(2), name, stack[2:], int(m.group(2)) / rate))
+    in_demo = collections.Counter(pid for pid, _, _, frames, s in samples if any("demo_model.py" in f for f in frames))
+    demo_pid = in_demo.most_common(1)[0][0] if in_demo else None
+    threads: collections.Counter[str] = collections.Counter()
+    children: collections.Counter[str] = collections.Counter()
+    inclusive: collections.Counter[str] = collections.Counter()
+    for pid, command, name, frames, seconds in samples:
+        if pid != demo_pid:
+            children["compile_worker" if "compile_worker" in command else command.split(" ")[0][-40:] or "unknown"] += seconds
+            continue
+        threads[name] += seconds
+        if name == "MainThread":
+            seen = set()
+            for frame in frames:
+                fm = _FRAME.match(frame)
+                key = f"{fm.group(1)} ({os.path.basename(fm.group(2))})" if fm else frame
+                if key not in seen:
+                    seen.add(key)
+                    inclusive[key] += seconds
+    return {"threads": threads, "children": children, "inclusive": inclusive}
+
+
+def main() -> None:
+    args = parse_model_args("cnn", "infer", repeats=(int, 2), rate=(int, 100), out=(str, None))
+    out = args.out or tempfile.mkdtemp(prefix="castore-prof-")
+    os.makedirs(out, exist_ok=True)
+    spy = py_spy()
+    work = tempfile.mkdtemp(prefix="castore-prof-work-")
+    demo = demo_argv(args, "--fast-exit")
+    results: dict[str, list[dict]] = collections.defaultdict(list)
+    profiles: dict[str, list[dict]] = collections.defaultdict(list)
+
+    def run(name: str, argv: list[str], env: dict[str, str], profile: str | None = None) -> None:
+        if profile:
+            argv = [spy, "record", "--threads", "--idle", "--subprocesses", "--nonblocking", "--format", "raw",
+                    "--rate", str(args.rate), "-o", profile, "--", *argv]  # fmt: skip
+        done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=900, check=False)
+        lines = [ln for ln in done.stdout.splitlines() if ln.startswith("{")]
+        if done.returncode != 0 or not lines:
+            print(name, "FAILED", done.returncode, done.stderr[-2000:], flush=True)
+            return
+        r = json.loads(lines[-1])
+        results[name].append(r)
+        if profile:
+            profiles[name].append(parse_raw(profile, args.rate))
+        print(name, r["seconds_to_first_output"], r["seconds_import"], r["seconds_compile"], flush=True)
+
+    with SeaweedFS() as sw, FaultProxy(sw.endpoint, latency=0.030) as proxy:
+        bucket = sw.create_bucket()
+
+        def castore_env(root: str, endpoint: str) -> dict[str, str]:
+            return castore_machine_env(root, f"s3://{bucket}?endpoint={endpoint}", "prof", sw.env())
+
+        cold_env = clean_env()
+        cold_env.update(machine_dirs(os.path.join(work, "cold")))
+        run("cold", demo, cold_env)
+        run("castore-cold", [*demo, "--castore"], castore_env(os.path.join(work, "castore-cold"), sw.endpoint))
+        for i in range(args.repeats):
+            for mode in rotated(MODES, i):
+                profile = os.path.join(out, f"{mode}-{i}.txt")
+                if mode == "warm-local":
+                    run(mode, demo, cold_env, profile)
+                else:
+                    endpoint = proxy.endpoint if mode.endswith("rtt") else sw.endpoint
+                    run(mode, [*demo, "--castore"], castore_env(os.path.join(work, f"{mode}-{i}"), endpoint), profile)
+    shutil.rmtree(work, ignore_errors=True)
+    report(results, profiles)
+    print("raw samples:", out)
+
+
+def report(results: dict[str, list[dict]], profiles: dict[str, list[dict]]) -> None:
+    def med(values: list[float]) -> float:
+        return round(statistics.median(values), 3) if values else float("nan")
+
+    def per_process(mode: str, part: str) -> dict[str, float]:
+        keys = set().union(*(p[part] for p in profiles[mode])) if profiles[mode] else set()
+        return {k: med([p[part].get(k, 0.0) for p in profiles[mode]]) for k in keys}
+
+    for mode in MODES:
+        rs = results[mode]
+        if not rs:
+            continue
+        phases = {
+            "first_output": med([r["seconds_to_first_output"] for r in rs]),
+            "import": med([r["seconds_import"] for r in rs]),
+            "build": med([r["seconds_to_first_output"] - r["seconds_import"] - r["seconds_compile"] for r in rs]),
+            "compile": med([r["seconds_compile"] for r in rs]),
+        }
+        print(json.dumps({"mode": mode, "processes": len(rs), "phases": phases,
+                          "threads_s": per_process(mode, "threads"), "subprocess_cpu_s": per_process(mode, "children")}))  # fmt: skip
+    hot = per_process("castore-hot", "inclusive")
+    others = {m: per_process(m, "inclusive") for m in ("warm-local", "castore-hot+rtt")}
+    rows = sorted(hot, key=lambda k: -(hot[k] - max(o.get(k, 0.0) for o in others.values())))
+    print("main thread, inclusive seconds (medians per process): castore-hot, warm-local, castore-hot+rtt")
+    for key in rows[:30]:
+        print(f"  {hot[key]:7.2f} {others['warm-local'].get(key, 0.0):7.2f} {others['castore-hot+rtt'].get(key, 0.0):7.2f}  {key[:110]}")
+
+
+if __name__ == "__main__":
+    main()
