@@ -1,10 +1,10 @@
 """The vector-ISA probe's verdict, shared through the store.
 
-Before Inductor generates CPU code, it checks the best vector ISA the CPU claims (``VecISA.__bool__``). The
-check builds a tiny .so, which ``artifacts`` serves from the store. It then starts a child Python that dlopens
-the .so with torch's libraries, so that a broken toolchain cannot crash the compiling process. That child cost
-0.6 s of a 4.1 s warm start on 2 cores, in every process, PyTorch's own warm cache included (a py-spy profile,
-benchmarks/diag/profile_hot.py).
+Before Inductor generates CPU code, it checks every vector ISA the CPU claims (``VecISA.__bool__``, six on
+our 2-core machine). Each check builds a tiny .so, which ``artifacts`` serves from the store. It then starts a
+child Python that dlopens the .so with torch's libraries, so that a broken toolchain cannot crash the compiling
+process. Those children cost 0.6 s of a 4.1 s warm start on 2 cores, in every process, PyTorch's own warm
+cache included (a py-spy profile, benchmarks/diag/profile_hot.py).
 
 The verdict depends only on the probe binary, torch's libraries, the toolchain and the CPU. castore keys it by
 all four, and stores passes only. A machine like one that has already probed skips the child; any difference
