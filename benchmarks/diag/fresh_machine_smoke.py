@@ -10,10 +10,9 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import tempfile
 
-from _demo import demo_argv, parse_model_args
+from _demo import demo_argv, parse_model_args, run_demo
 
 from castore.bench.hot_load import castore_machine_env
 from castore.testing.faultproxy import FaultProxy
@@ -27,18 +26,16 @@ def main() -> None:
         bucket = sw.create_bucket()
         for name in ("cold", "fresh"):
             env = castore_machine_env(os.path.join(work, name), f"s3://{bucket}?endpoint={proxy.endpoint}", "smoke", sw.env())
-            done = subprocess.run(demo_argv(args, "--castore"), env=env, capture_output=True, text=True, timeout=300)
-            if done.returncode != 0:
-                print(name, "FAILED", done.stderr[-3000:])
+            r, stderr = run_demo(name, demo_argv(args, "--castore"), env, timeout=300)
+            if r is None:
                 continue
-            r = json.loads(done.stdout.strip().splitlines()[-1])
             c = r.get("castore", {})
             caches = {k: (v["hits"], v["misses"], v["puts"]) for k, v in c.get("caches", {}).items()}
             print(json.dumps({"process": name, "first_output_s": r["seconds_to_first_output"], "compile_s": r["seconds_compile"],
                               "triton_compiles": r.get("triton_compiles"), "autotune_calls": r.get("autotune_calls_total"),
                               "prefetched": c.get("prefetched"), "autotune_fixes": r.get("autotune_fixes"),
                               "caches_hits_misses_puts": caches, "digest": r["output_digest"]}), flush=True)
-            warnings = [line for line in done.stderr.splitlines() if "castore" in line.lower()]
+            warnings = [line for line in stderr.splitlines() if "castore" in line.lower()]
             if warnings:
                 print("  stderr:", warnings[:5])
 

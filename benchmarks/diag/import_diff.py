@@ -15,12 +15,11 @@ import json
 import os
 import re
 import statistics
-import subprocess
 import tempfile
 
-from _demo import demo_argv, parse_model_args
+from _demo import demo_argv, parse_model_args, print_phases, run_demo
 
-from castore.bench.hot_load import castore_machine_env, clean_env, machine_dirs
+from castore.bench.hot_load import castore_machine_env, plain_machine_env
 from castore.testing.seaweedfs import SeaweedFS
 
 _LINE = re.compile(r"import time:\s+(\d+) \|\s+(\d+) \|(\s*)(\S+)")
@@ -51,19 +50,16 @@ def main() -> None:
         def run(name: str, argv: list[str], env: dict[str, str], profile: bool) -> None:
             if profile:
                 env = dict(env, PYTHONPROFILEIMPORTTIME="1")
-            done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=900)
-            if done.returncode != 0:
-                print(name, "FAILED", done.stderr[-2000:], flush=True)
+            r, stderr = run_demo(name, argv, env)
+            if r is None:
                 return
-            r = json.loads(done.stdout.strip().splitlines()[-1])
             results[name].append(r)
             if profile:
-                modules[name].append(imports(done.stderr))
-            print(name, r["seconds_to_first_output"], r["seconds_import"], r["seconds_compile"], flush=True)
+                modules[name].append(imports(stderr))
+            print_phases(name, r)
 
         cold_root = os.path.join(work, "cold")
-        cold_env = clean_env()
-        cold_env.update(machine_dirs(cold_root))
+        cold_env = plain_machine_env(cold_root)
         run("cold", demo, cold_env, False)
         run("castore-cold", demo + ["--castore"], castore_env(os.path.join(work, "castore-cold")), False)
         for i in range(args.repeats):

@@ -18,12 +18,11 @@ import os
 import re
 import shutil
 import statistics
-import subprocess
 import tempfile
 
-from _demo import demo_argv, parse_model_args
+from _demo import demo_argv, parse_model_args, print_phases, run_demo
 
-from castore.bench.hot_load import castore_machine_env, clean_env, machine_dirs, rotated
+from castore.bench.hot_load import castore_machine_env, plain_machine_env, rotated
 from castore.testing.faultproxy import FaultProxy
 from castore.testing.seaweedfs import SeaweedFS
 
@@ -94,16 +93,13 @@ def main() -> None:
         if profile:
             argv = [spy, "record", "--threads", "--idle", "--subprocesses", "--nonblocking", "--format", "raw",
                     "--rate", str(args.rate), "-o", profile, "--", *argv]  # fmt: skip
-        done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=900, check=False)
-        lines = [ln for ln in done.stdout.splitlines() if ln.startswith("{")]
-        if done.returncode != 0 or not lines:
-            print(name, "FAILED", done.returncode, done.stderr[-2000:], flush=True)
+        r, _ = run_demo(name, argv, env)
+        if r is None:
             return
-        r = json.loads(lines[-1])
         results[name].append(r)
         if profile:
             profiles[name].append(parse_raw(profile, args.rate))
-        print(name, r["seconds_to_first_output"], r["seconds_import"], r["seconds_compile"], flush=True)
+        print_phases(name, r)
 
     with SeaweedFS() as sw, FaultProxy(sw.endpoint, latency=0.030) as proxy:
         bucket = sw.create_bucket()
@@ -111,8 +107,7 @@ def main() -> None:
         def castore_env(root: str, endpoint: str) -> dict[str, str]:
             return castore_machine_env(root, f"s3://{bucket}?endpoint={endpoint}", "prof", sw.env())
 
-        cold_env = clean_env()
-        cold_env.update(machine_dirs(os.path.join(work, "cold")))
+        cold_env = plain_machine_env(os.path.join(work, "cold"))
         run("cold", demo, cold_env)
         run("castore-cold", [*demo, "--castore"], castore_env(os.path.join(work, "castore-cold"), sw.endpoint))
         for i in range(args.repeats):

@@ -12,29 +12,24 @@ from __future__ import annotations
 
 import json
 import statistics
-import subprocess
 import tempfile
 
-from _demo import demo_argv, parse_model_args
+from _demo import demo_argv, parse_model_args, print_phases, run_demo
 
-from castore.bench.hot_load import clean_env, machine_dirs
+from castore.bench.hot_load import plain_machine_env
 
 
 def main() -> None:
     args = parse_model_args("cnn", "infer", repeats=(int, 3))
     demo = demo_argv(args, "--fast-exit")
-    env = clean_env()
-    env.update(machine_dirs(tempfile.mkdtemp(prefix="castore-poolab-")))
+    env = plain_machine_env(tempfile.mkdtemp(prefix="castore-poolab-"))
     results: dict[str, list[dict]] = {"pool": [], "no-pool": []}
 
     def run(name: str, extra: dict[str, str]) -> None:
-        done = subprocess.run(demo, env=dict(env, **extra), capture_output=True, text=True, timeout=900)
-        if done.returncode != 0:
-            print(name, "FAILED", done.stderr[-2000:], flush=True)
-            return
-        r = json.loads(done.stdout.strip().splitlines()[-1])
-        results.setdefault(name, []).append(r)
-        print(name, r["seconds_to_first_output"], r["seconds_import"], r["seconds_compile"], flush=True)
+        r, _ = run_demo(name, demo, dict(env, **extra))
+        if r is not None:
+            results.setdefault(name, []).append(r)
+            print_phases(name, r)
 
     run("cold", {})
     for _ in range(args.repeats):

@@ -94,6 +94,13 @@ def machine_dirs(root: str) -> dict[str, str]:
     return out
 
 
+def plain_machine_env(root: str) -> dict[str, str]:
+    """A fresh machine under root with PyTorch's own caches only (no castore, no remote cache)."""
+    env = clean_env()
+    env.update(machine_dirs(root))
+    return env
+
+
 def castore_machine_env(root: str, url: str, namespace: str, aws_env: dict[str, str]) -> dict[str, str]:
     """A fresh machine under root whose torch.compile caches are served from the store at url (a castore job's
     environment, with the server's AWS_* credentials; the endpoint is the URL's own)."""
@@ -235,7 +242,7 @@ def _kill_group(pgid: int) -> None:
         pass
 
 
-def _last_json(text: str) -> dict[str, Any] | None:
+def last_json(text: str) -> dict[str, Any] | None:
     for line in reversed(text.strip().splitlines()):
         line = line.strip()
         if line.startswith("{"):
@@ -268,9 +275,7 @@ class HotLoadBench:
 
     # -- environments for each kind of process
     def plain_env(self, root: str) -> dict[str, str]:
-        env = clean_env()
-        env.update(machine_dirs(root))
-        return env
+        return plain_machine_env(root)
 
     def castore_env(self, root: str, namespace: str, via_proxy: bool = False) -> dict[str, str]:
         endpoint = self.proxy.endpoint if via_proxy else self.sw.endpoint
@@ -298,7 +303,7 @@ class HotLoadBench:
         run.returncode, run.wall_seconds, run.error = rc, round(wall, 3), error
         run.stderr_tail = err[-4000:] if err else ""
         run.breaker = BREAKER_MESSAGE in (err or "")
-        run.result = _last_json(out)
+        run.result = last_json(out)
         if error is None and rc != 0:
             run.error = f"exit status {rc}"
         elif error is None and run.result is None:
@@ -484,7 +489,7 @@ print(json.dumps(d))
 
 def probe_machine(python: str) -> dict[str, Any]:
     proc = subprocess.run([python, "-c", _PROBE], capture_output=True, text=True, timeout=300)
-    info = _last_json(proc.stdout) or {"torch": None, "cuda": False, "probe_error": proc.stderr[-500:]}
+    info = last_json(proc.stdout) or {"torch": None, "cuda": False, "probe_error": proc.stderr[-500:]}
     try:
         cpus = len(os.sched_getaffinity(0))
     except AttributeError:
