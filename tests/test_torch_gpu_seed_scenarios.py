@@ -3,7 +3,7 @@ functions around them, and invalidation when a kernel's source changes.
 
 These need CUDA and Triton: they are skipped on CI's CPU machine and run on the GPU machine
 (`source benchmarks/gpu_env.sh; python3 -m pytest tests/test_torch_gpu_seed_scenarios.py`); the log of that
-run is benchmarks/results/gpu-h100/gpu_seed_scenarios.log.
+runs are benchmarks/results/gpu-h100/ and gpu-h200/gpu_seed_scenarios.log.
 """
 
 from __future__ import annotations
@@ -74,32 +74,9 @@ def _autograd_fn_around(op):  # noqa: ANN001, ANN202
     return lambda a: MyAutogradFunction.apply(a)
 
 
-@functorch_config.patch({"autograd_cache_allow_custom_autograd_functions": True})
-def test_custom_autograd_function_hits_from_bucket(fleet: Fleet) -> None:
-    fn = _autograd_fn_around(None)
-    a = torch.randn(5, device="cuda", requires_grad=True)
-    a2 = a.clone().detach_().requires_grad_(True)
-
-    fleet.machine("a")
-    compiled_fn = torch.compile(fn, backend="inductor")
-    result = compiled_fn(a)
-    result.sum().backward()
-    torch.testing.assert_close(fn(a), result)
-    assert_aot(miss=1, hit=0, saved=1)
-
-    counters.clear()
-    m = fleet.machine("b")
-    result = compiled_fn(a2)
-    torch.testing.assert_close(fn(a2), result)
-    result.sum().backward()
-    assert_aot(miss=0, hit=1, saved=0)
-    assert m.hits("aot-autograd") == 1 and m.bucket_fetches() > 0
-
-
-@functorch_config.patch({"autograd_cache_allow_custom_autograd_functions": True})
-def test_custom_autograd_function_with_user_triton_kernel_and_invalidation(fleet: Fleet) -> None:
-    name = _op_name()
-    fn = _autograd_fn_around(_make_triton_op(name, 1))
+def _compile_on_a_then_hit_on_b(fleet: Fleet, fn) -> torch.Tensor:  # noqa: ANN001
+    """Compile fn forward and backward on machine a (an AOTAutograd miss, saved to the bucket), then on a fresh
+    machine b, where it must hit from the bucket. Returns a third input for the caller's next machine."""
     a = torch.randn(5, device="cuda", requires_grad=True)
     a2, a3 = (a.clone().detach_().requires_grad_(True) for _ in range(2))
 
@@ -116,7 +93,20 @@ def test_custom_autograd_function_with_user_triton_kernel_and_invalidation(fleet
     torch.testing.assert_close(fn(a2), result)
     result.sum().backward()
     assert_aot(miss=0, hit=1, saved=0)
-    assert m.hits("aot-autograd") == 1
+    assert m.hits("aot-autograd") == 1 and m.bucket_fetches() > 0
+    return a3
+
+
+@functorch_config.patch({"autograd_cache_allow_custom_autograd_functions": True})
+def test_custom_autograd_function_hits_from_bucket(fleet: Fleet) -> None:
+    _compile_on_a_then_hit_on_b(fleet, _autograd_fn_around(None))
+
+
+@functorch_config.patch({"autograd_cache_allow_custom_autograd_functions": True})
+def test_custom_autograd_function_with_user_triton_kernel_and_invalidation(fleet: Fleet) -> None:
+    name = _op_name()
+    fn = _autograd_fn_around(_make_triton_op(name, 1))
+    a3 = _compile_on_a_then_hit_on_b(fleet, fn)
 
     # A kernel whose source changed must miss on a third machine, never load the old entry from the bucket.
     _make_triton_op(name, 2)  # same op name, new kernel source
