@@ -2,7 +2,7 @@
 functions around them, and invalidation when a kernel's source changes.
 
 These need CUDA and Triton: they are skipped on CI's CPU machine and run on the GPU machine
-(`source benchmarks/gpu_env.sh; python3 -m pytest tests/test_torch_gpu_seed_scenarios.py`); the log of that
+(`source benchmarks/gpu_env.sh; python3 -m pytest tests/test_torch_gpu_seed_scenarios.py`); the logs of its
 runs are benchmarks/results/gpu-h100/ and gpu-h200/gpu_seed_scenarios.log.
 """
 
