@@ -6,8 +6,8 @@ One cold process fills PyTorch's local caches, one castore-cold process a Seawee
 modes alternate (order rotated each repeat), each process sampled by ``py-spy record --threads --idle
 --subprocesses`` ($CASTORE_PY_SPY, else py-spy on PATH). Writes each process's raw samples under --out and
 prints, per mode: the phases demo_model reports, the seconds each thread of the measured process was sampled,
-the CPU seconds of its subprocesses by kind, and the functions of the main thread whose inclusive time differs
-most between castore-hot and the other two modes. Diagnostic only: no result is committed from it.
+the seconds sampled in its subprocesses by kind (idle included, as for threads), and the functions of the main
+thread whose inclusive time differs most between castore-hot and the other two modes. Diagnostic only: no result is committed from it.
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ _THREAD = re.compile(r"^thread \((\d+)\)(?::\s*(.*))?$")
 
 
 def parse_raw(path: str, rate: int) -> dict[str, object]:
-    """Seconds per thread of the demo process, CPU seconds per kind of subprocess, main-thread inclusive seconds
+    """Seconds per thread of the demo process, seconds sampled per kind of subprocess, main-thread inclusive seconds
     per function (each function counted once per sample). The demo process is the one running demo_model.py
     (py-spy does not always read a command line); a thread sampled without its name is named by its id."""
     samples: list[tuple[str, str, str, list[str], float]] = []  # pid, command, thread, frames, seconds
@@ -52,12 +52,16 @@ def parse_raw(path: str, rate: int) -> dict[str, object]:
         if not m or not line.startswith("process "):
             continue  # a multi-line command (an ISA probe's python -c) spills onto lines of its own
         stack = m.group(1).split(";")
-        pm, tm = _PROCESS.match(stack[0]), _THREAD.match(stack[1]) if len(stack) > 1 else None
+        depth = 0  # a subprocess's samples start with its ancestors' "process" frames: the last one is its own
+        while depth < len(stack) and _PROCESS.match(stack[depth]):
+            depth += 1
+        pm = _PROCESS.match(stack[depth - 1]) if depth else None
+        tm = _THREAD.match(stack[depth]) if pm and depth < len(stack) else None
         if not pm or not tm:
             continue
         name = tm.group(2) or ("MainThread" if tm.group(1) == pm.group(1) else "unnamed")
         name = re.sub(r"[-_ ]?\d+$", "", name.strip()) or "unnamed"
-        samples.append((pm.group(1), pm.group(2), name, stack[2:], int(m.group(2)) / rate))
+        samples.append((pm.group(1), pm.group(2), name, stack[depth + 1 :], int(m.group(2)) / rate))
     in_demo = collections.Counter(pid for pid, _, _, frames, s in samples if any("demo_model.py" in f for f in frames))
     demo_pid = in_demo.most_common(1)[0][0] if in_demo else None
     threads: collections.Counter[str] = collections.Counter()
@@ -142,7 +146,7 @@ def report(results: dict[str, list[dict]], profiles: dict[str, list[dict]]) -> N
             "compile": med([r["seconds_compile"] for r in rs]),
         }
         print(json.dumps({"mode": mode, "processes": len(rs), "phases": phases,
-                          "threads_s": per_process(mode, "threads"), "subprocess_cpu_s": per_process(mode, "children")}))  # fmt: skip
+                          "threads_s": per_process(mode, "threads"), "subprocess_s": per_process(mode, "children")}))  # fmt: skip
     hot = per_process("castore-hot", "inclusive")
     others = {m: per_process(m, "inclusive") for m in ("warm-local", "castore-hot+rtt")}
     rows = sorted(hot, key=lambda k: -(hot[k] - max(o.get(k, 0.0) for o in others.values())))
