@@ -99,6 +99,48 @@ def test_merged_calls_pool_their_runs_and_check_each_against_its_own_writer() ->
     assert rows["warm-local"]["digests_match_cold"] is True
     assert rows["castore-hot"]["first_output_s"]["median"] == 3.0
     assert rows["castore-hot"]["first_output_over_warm_local"] == 1.2  # 3.0 / 2.5, medians of the pooled runs
+    assert rows["castore-hot"]["first_output_paired_over_warm_local"] == {"median": 1.167, "n": 2}  # 2 / 2, 4 / 3
+
+
+def test_a_merged_report_merged_again_keeps_each_repeat_paired() -> None:
+    """An earlier merged report pooled with a new call: every call's repeats keep their pairing, although one mode
+    of the first call stopped a repeat short at its deadline."""
+    from castore.bench.hot_load import Run, merge_reports
+
+    def run(mode: str, repeat: int, seconds: float) -> Run:
+        return Run(model="m:infer", mode=mode, repeat=repeat, ok=True, result={"seconds_to_first_output": seconds, "seconds_compile": 1.0, "output_digest": "d", "fxgraph": {}})  # fmt: skip
+
+    first = [run("warm-local", 0, 10), run("castore-hot", 0, 11), run("warm-local", 1, 20), run("castore-hot", 1, 22),
+             run("warm-local", 2, 30)]  # fmt: skip
+    second = [run("castore-hot", 0, 5), run("warm-local", 0, 4), run("warm-local", 1, 8), run("castore-hot", 1, 10)]
+    once = merge_reports([_report("call-1", first), _report("call-2", second)])
+    third = [run("warm-local", 0, 100), run("castore-hot", 0, 100)]
+    twice = merge_reports([once, _report("call-3", third)])
+
+    pairs = {(r["call"], r["mode"], r["repeat"]) for r in twice["runs"]}
+    assert ("call-2", "castore-hot", 3) in pairs and ("call-2", "warm-local", 3) in pairs  # after call-1's 0..2
+    assert ("call-3", "castore-hot", 5) in pairs and ("call-3", "warm-local", 5) in pairs
+    hot = {r["mode"]: r for r in twice["summary"]}["castore-hot"]
+    assert hot["first_output_paired_over_warm_local"] == {"median": 1.1, "n": 5}  # 1.1, 1.1, 1.25, 1.25, 1.0
+
+
+def test_the_paired_ratio_compares_each_process_with_the_warm_start_of_its_own_repeat() -> None:
+    """Each process is divided by the warm-local process of its own repeat in its own call (run back to back, so a
+    machine that drifts between repeats or calls moves both); a repeat without a warm-local one is left out."""
+    from castore.bench.hot_load import Run, summarize
+
+    def run(mode: str, repeat: int, seconds: float, call: str = "c1") -> Run:
+        result = {"seconds_to_first_output": seconds, "seconds_compile": 1.0, "output_digest": "d", "fxgraph": {}}
+        return Run(model="m:infer", mode=mode, repeat=repeat, ok=True, result=result, call=call)
+
+    runs = [run("warm-local", 0, 10), run("castore-hot", 0, 9), run("warm-local", 1, 20), run("castore-hot", 1, 19),
+            run("warm-local", 2, 21), run("castore-hot", 2, 22), run("castore-hot", 3, 5),  # no warm-local in repeat 3
+            run("warm-local", 0, 40, "c2"), run("castore-hot", 0, 36, "c2")]  # fmt: skip
+    rows = {r["mode"]: r for r in summarize(runs, ["m:infer"], ["warm-local", "castore-hot"])}
+    paired = rows["castore-hot"]["first_output_paired_over_warm_local"]
+    # 0.9, 0.95, 1.048 and c2's 36 / 40 (not 36 / 10, c1's repeat 0); repeat 3 has no warm-local to pair with
+    assert paired == {"median": 0.925, "n": 4}
+    assert rows["warm-local"]["first_output_paired_over_warm_local"] == {"median": 1.0, "n": 4}
 
 
 def test_merging_results_of_different_machines_is_refused() -> None:

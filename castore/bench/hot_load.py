@@ -582,6 +582,7 @@ def summarize(runs: list[Run], models: list[str], modes: list[str]) -> list[dict
             }
             by_mode[mode] = row
         for row in by_mode.values():
+            row["first_output_paired_over_warm_local"] = _paired_ratio(mine, row["mode"], "warm-local")
             for ref in ("warm-local", "cold"):
                 base = by_mode.get(ref)
                 for metric in ("first_output_s", "compile_s"):
@@ -592,6 +593,23 @@ def summarize(runs: list[Run], models: list[str], modes: list[str]) -> list[dict
                         row[key] = None
         rows.extend(by_mode.values())
     return rows
+
+
+def _paired_ratio(runs: list[Run], mode: str, ref: str) -> dict[str, float] | None:
+    """Median over repeats of mode's time to first output divided by that of ref's process in the same repeat of the
+    same call. The processes of one repeat run back to back, so this cancels what the machine drifts between
+    repeats and between device calls, which the ratio of medians does not; None without a pair."""
+    base = {(r.call, r.repeat): r.result["seconds_to_first_output"] for r in runs if r.ok and r.mode == ref}
+    ratios = [
+        r.result["seconds_to_first_output"] / base[(r.call, r.repeat)]
+        for r in runs
+        if r.ok and r.mode == mode and base.get((r.call, r.repeat), 0) > 0
+    ]
+    return {"median": round(statistics.median(ratios), 3), "n": len(ratios)} if ratios else None
+
+
+def _fmt_paired(v: dict[str, float] | None) -> str:
+    return f"{v['median']:.2f}× ({v['n']:g})" if v else "–"
 
 
 def _fmt_s(s: dict[str, float] | None) -> str:
@@ -633,14 +651,15 @@ def markdown(report: dict[str, Any]) -> str:
         )
         + ", medians (min–max)",
         "",
-        "| model | mode | ok | first output s | compile s | ×warm-local | ×cold | FX hits | C++ runs | Triton compiles | autotune calls | store skipped |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| model | mode | ok | first output s | compile s | ×warm-local | ×cold | paired ×warm-local (pairs) | FX hits | C++ runs | Triton compiles | autotune calls | store skipped |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in report["summary"]:
         name = row["mode"] + (" (populate)" if row["populating_run"] else "")
         lines.append(
             f"| {row['model']} | {name} | {row['ok']}/{row['runs']} | {_fmt_s(row['first_output_s'])} | {_fmt_s(row['compile_s'])} "
-            f"| {_fmt_x(row['first_output_over_warm_local'])} | {_fmt_x(row['first_output_over_cold'])} | {_fmt_n(row['fx_hits'])} "
+            f"| {_fmt_x(row['first_output_over_warm_local'])} | {_fmt_x(row['first_output_over_cold'])} "
+            f"| {_fmt_paired(row.get('first_output_paired_over_warm_local'))} | {_fmt_n(row['fx_hits'])} "
             f"| {_fmt_n(row['compiler_runs'])} | {_fmt_n(row['triton_compiles'])} | {_fmt_n(row['autotune_calls'])} "
             f"| {_fmt_breaker(row)} |"
         )
@@ -659,6 +678,8 @@ def markdown(report: dict[str, Any]) -> str:
     lines += [
         "",
         "×warm-local and ×cold: median time to first output of the mode divided by that of warm-local / cold, same run. "
+        "Paired ×warm-local: the median, over the repeats where both ran, of the mode's time divided by that of the "
+        "warm-local process of the same repeat (run back to back, so the machine's drift between repeats cancels). "
         "FX hits, C++ runs (castore modes), Triton compiles (ptxas runs) and autotune calls (GPU): medians per process. "
         "Store skipped: castore lookups skipped because its circuit breaker was open (a store error, or a get slower than "
         "slow_request), and in how many processes the breaker opened.",
@@ -846,27 +867,40 @@ def _read_report(directory: str) -> dict[str, Any]:
 
 
 def merge_reports(reports: list[dict[str, Any]]) -> dict[str, Any]:
-    """One report of the runs of several, all from one machine: each (model, mode)'s runs renumbered in order,
-    tagged with the run_id of the call that measured them. Ratios stay side by side: every call measured its own
-    baselines, interleaved with the castore modes."""
+    """One report of the runs of several, all from one machine, each run tagged with the run_id of the call that
+    measured it. Ratios stay side by side: every call measured its own baselines, interleaved with the castore modes.
+
+    A call's runs keep their repeat numbers, shifted past the earlier calls' of the same model, so the processes of
+    one repeat stay paired (the paired ratio). Within a call a mode's runs are numbered from 0 in order (only the
+    tail of a call is ever left unstarted), which also recovers the numbers from an earlier merged report."""
     if not reports:
         raise ValueError("nothing to merge")
     slugs = {r["machine_slug"] for r in reports}
     if len(slugs) != 1:
         raise SystemExit(f"refusing to pool runs of different machines: {', '.join(sorted(slugs))}")
-    runs: list[dict[str, Any]] = []
-    counts: dict[tuple[str, str], int] = {}
+    by_call: dict[str, list[dict[str, Any]]] = {}
     for report in reports:
         for run in report["runs"]:
-            if (run.get("error") or "").startswith(NOT_STARTED):
-                continue
+            if not (run.get("error") or "").startswith(NOT_STARTED):
+                call = run.get("call") or report["run_id"]
+                by_call.setdefault(call, []).append(dict(run, call=call))
+    runs: list[dict[str, Any]] = []
+    counts: dict[tuple[str, str], int] = {}  # (model, mode) -> runs pooled
+    offset: dict[str, int] = {}  # model -> first repeat number free for the next call
+    for call_runs in by_call.values():
+        rank: dict[tuple[str, str], int] = {}
+        ends = dict(offset)
+        for run in call_runs:
             key = (run["model"], run["mode"])
-            run = dict(run, repeat=counts.get(key, 0), call=run.get("call") or report["run_id"])
-            counts[key] = run["repeat"] + 1
+            run["repeat"] = offset.get(run["model"], 0) + rank.get(key, 0)
+            rank[key] = rank.get(key, 0) + 1
+            counts[key] = counts.get(key, 0) + 1
+            ends[run["model"]] = max(ends.get(run["model"], 0), run["repeat"] + 1)
             runs.append(run)
+        offset = ends
     models = list(dict.fromkeys(m for r in reports for m in r["models"]))
     modes = [m for m in MODES if any(m in r["modes"] for r in reports)]
-    calls = list(dict.fromkeys(run["call"] for run in runs))
+    calls = list(by_call)
     merged = dict(reports[0])
     merged.update({
         "run_id": "merged-" + uuid.uuid4().hex[:6],
