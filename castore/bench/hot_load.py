@@ -22,6 +22,7 @@ on 127.0.0.1 and installs nothing. ::
     python benchmarks/hot_load.py                      # defaults for this machine (CPU or GPU)
     castore bench --models gpt2:infer,gpt2:train --repeats 5 --dedup
     castore bench --quick --models mlp:infer --out /tmp/b
+    castore bench --models my_model.py:make_model:train      # your own model (castore.torch.demo_model)
 """
 
 from __future__ import annotations
@@ -92,6 +93,36 @@ def machine_dirs(root: str) -> dict[str, str]:
         os.makedirs(path, exist_ok=True)
         out[name] = path
     return out
+
+
+PHASES = ("infer", "train")
+
+
+def split_model_spec(spec: str) -> tuple[str, str]:
+    """(model, phase) of ``model[:phase]``, where model is a built-in name or your own FILE.py:FUNCTION or
+    MODULE:FUNCTION (see castore.torch.demo_model); the phase defaults to infer."""
+    model, sep, phase = spec.strip().rpartition(":")
+    if sep and phase in PHASES:
+        return model, phase
+    return spec.strip(), "infer"
+
+
+def resolve_model_spec(spec: str) -> str:
+    """``model:phase`` with the phase spelled out and a FILE.py made absolute (the processes run elsewhere)."""
+    model, phase = split_model_spec(spec)
+    target, sep, function = model.rpartition(":")
+    if sep and (target.endswith(".py") or os.sep in target):
+        path = os.path.abspath(target)
+        if not os.path.isfile(path):
+            raise SystemExit(f"--models {spec!r}: no file {path}")
+        model = f"{path}:{function}"
+    return f"{model}:{phase}"
+
+
+def model_slug(model: str) -> str:
+    """A model (or model:phase) in file and folder names; a FILE.py by its file's stem."""
+    parts = [os.path.splitext(os.path.basename(p))[0] if p.endswith(".py") else p for p in model.split(":")]
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", ":".join(parts))[:80]
 
 
 def plain_machine_env(root: str) -> dict[str, str]:
@@ -369,18 +400,19 @@ class HotLoadBench:
 
     # -- one model
     def bench_model(self, spec: str, modes: list[str]) -> None:
-        model, _, phase = spec.partition(":")
-        phase = phase or "infer"
+        model, phase = split_model_spec(spec)
         # --fast-exit: the measurement ends at the first output; the GPU machine spent 10 s more per process in
         # teardown (CUDA, compile workers), device time better spent on repeats.
         args = ["--model", model, "--mode", phase, "--device", self.opts.device, "--fast-exit"]
+        if ":" in model:  # your own model: a MODULE:FUNCTION is imported from where the benchmark was started
+            args += ["--sys-path", os.getcwd()]
         if self.opts.layers:
             args += ["--layers", str(self.opts.layers)]
         if self.opts.batch:
             args += ["--batch", str(self.opts.batch)]
         label = f"{model}:{phase}"
-        root = os.path.join(self.work, re.sub(r"[^A-Za-z0-9_.-]+", "_", label))
-        namespace = f"bench-{self.run_id}-{model}-{phase}"
+        root = os.path.join(self.work, model_slug(label))
+        namespace = f"bench-{self.run_id}-{model_slug(model)}-{phase}"
         castore_modes = [m for m in modes if m.startswith("castore")]
         populated_dir = None
         if castore_modes and not any(m in self.unavailable for m in castore_modes):
@@ -528,7 +560,7 @@ def _median_of(runs: list[Run], get: Any) -> float | None:
 def summarize(runs: list[Run], models: list[str], modes: list[str]) -> list[dict[str, Any]]:
     rows = []
     for model in models:
-        label = model if ":" in model else model + ":infer"
+        label = ":".join(split_model_spec(model))
         mine = [r for r in runs if r.model == label]
 
         def digest_of(ref: str, call: str | None) -> str | None:
@@ -716,7 +748,7 @@ def chart(report: dict[str, Any], path: str) -> str | None:
         if xs:
             ax.bar(xs, ys, width, yerr=[lo, hi], capsize=2, label=mode, color=cmap(i % 10))
     ax.set_xticks(range(len(models)))
-    ax.set_xticklabels(models)
+    ax.set_xticklabels([":".join(os.path.basename(part) for part in m.split(":")) for m in models])  # no folders
     ax.set_ylabel("seconds from process start to first compiled output")
     ax.set_title(f"torch.compile hot load, {report['machine_slug']} (median, min–max over {_process_count(report)} processes)", fontsize=9)
     ax.legend(fontsize=8, ncol=2)
@@ -730,14 +762,19 @@ def chart(report: dict[str, Any], path: str) -> str | None:
 # -- entry point ------------------------------------------------------------------------------------------------
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="castore bench", description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--models", help="comma-separated model:phase (phase infer|train); default per device: " + ",".join(CPU_MODELS) + " | " + ",".join(GPU_MODELS))
+    p.add_argument(
+        "--models",
+        help="comma-separated model:phase (phase infer|train), a model being a built-in one or your own, named "
+        "FILE.py:FUNCTION or MODULE:FUNCTION (FUNCTION() returns (module, example inputs)); default per device: "
+        + ",".join(CPU_MODELS) + " | " + ",".join(GPU_MODELS),
+    )
     p.add_argument("--modes", help="comma-separated subset of " + ",".join(MODES) + " (cold and warm-local are always run)")
     p.add_argument("--repeats", type=int, default=3, help="processes per mode and model (default 3)")
     p.add_argument("--cold-repeats", type=int, help="cold processes per model (default: --repeats); the rest of the repeats reuse the last cold run's caches")
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu or cuda")
     p.add_argument("--quick", action="store_true", help="one model (inference), 1 repeat, modes " + ",".join(QUICK_MODES))
-    p.add_argument("--layers", type=int, help="layers of every model (default: each model's own; tests use 1)")
-    p.add_argument("--batch", type=int, help="batch size of every model's example input (default: each model's own)")
+    p.add_argument("--layers", type=int, help="layers of every built-in model (default: each model's own; tests use 1)")
+    p.add_argument("--batch", type=int, help="batch size of every built-in model's example input (default: each model's own)")
     p.add_argument("--dedup", action="store_true", help="also measure dedup: castore du over four variants of one model")
     p.add_argument("--dedup-phase", default="infer", choices=["infer", "train"])
     p.add_argument("--out", help="results directory (default benchmarks/results/<machine slug>/ under the current directory)")
@@ -788,10 +825,10 @@ def main(argv: list[str] | None = None) -> int:
     device_kind = "cuda" if opts.device.startswith("cuda") else "cpu"
     slug = machine_slug(info, opts.device)
     models = [m.strip() for m in opts.models.split(",")] if opts.models else list(GPU_MODELS if device_kind == "cuda" else CPU_MODELS)
-    models = [m if ":" in m else m + ":infer" for m in models if m and m != "none"]  # none: --dedup (and --append) only
+    models = [resolve_model_spec(m) for m in models if m and m != "none"]  # none: --dedup (and --append) only
     if opts.quick:
         if not opts.models:
-            models = [models[0].split(":")[0] + ":infer"]
+            models = [split_model_spec(models[0])[0] + ":infer"]
         models = models[:1]
         opts.repeats = 1
     opts.cold_repeats = max(1, min(opts.cold_repeats or opts.repeats, opts.repeats))
@@ -925,7 +962,7 @@ def _run_of(run: dict[str, Any]) -> Run:
 def write_raw_run(raw_dir: str, run: dict[str, Any]) -> None:
     """raw/<model>-<mode>-<repeat>.json: one process, with its longer stderr tail."""
     os.makedirs(raw_dir, exist_ok=True)
-    name = re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{run['model']}-{run['mode']}-{run['repeat']}")
+    name = model_slug(run["model"]) + re.sub(r"[^A-Za-z0-9_.-]+", "_", f"-{run['mode']}-{run['repeat']}")
     with open(os.path.join(raw_dir, name + ".json"), "w") as f:
         json.dump(run, f, indent=1)
 

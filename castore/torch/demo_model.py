@@ -2,6 +2,12 @@
 
     python -m castore.torch.demo_model --model transformer --mode train [--castore]
     python -m castore.torch.demo_model --model gpt2 --mode infer --device cuda --save-megacache bundle.bin
+    python -m castore.torch.demo_model --model my_model.py:make_model --mode train     # your own model
+
+A model of your own is named ``FILE.py:FUNCTION`` or ``MODULE:FUNCTION``: FUNCTION() (or FUNCTION(device=...)
+where it takes a ``device``) returns ``(module, example)``, example being the input tensor or a tuple of the
+module's positional inputs. The module and the example's tensors are moved to --device; dtypes are left as given.
+A training step is a backward pass of the mean square of the first output tensor.
 
 Prints one JSON line: seconds from interpreter start to the first compiled output, the compile part alone,
 PyTorch's cache counters, castore's counters and how many times a C++ compiler ran. On CUDA it also counts
@@ -28,13 +34,75 @@ MODELS = CPU_MODELS + GPU_MODELS
 PTXAS_COUNT_ENV = "CASTORE_PTXAS_COUNT_FILE"
 
 
+class ModelSpecError(ValueError):
+    """A --model that names neither a built-in model nor a loadable FILE.py:FUNCTION / MODULE:FUNCTION."""
+
+
+def is_factory(model: str) -> bool:
+    return ":" in model
+
+
+def load_factory(spec: str) -> Any:
+    """The function a FILE.py:FUNCTION or MODULE:FUNCTION spec names (a file's folder goes on sys.path first, so
+    that the file can import its neighbours)."""
+    import importlib
+    import importlib.util
+
+    target, _, name = spec.rpartition(":")
+    if not target or not name.isidentifier():
+        raise ModelSpecError(f"--model {spec!r}: expected FILE.py:FUNCTION or MODULE:FUNCTION")
+    if target.endswith(".py") or os.sep in target:
+        path = os.path.abspath(target)
+        if not os.path.isfile(path):
+            raise ModelSpecError(f"--model {spec!r}: no file {path}")
+        sys.path.insert(0, os.path.dirname(path))
+        module_spec = importlib.util.spec_from_file_location(os.path.splitext(os.path.basename(path))[0], path)
+        if module_spec is None or module_spec.loader is None:
+            raise ModelSpecError(f"--model {spec!r}: {path} is not a Python file")
+        module = importlib.util.module_from_spec(module_spec)
+        sys.modules[module_spec.name] = module
+        module_spec.loader.exec_module(module)
+    else:
+        try:
+            module = importlib.import_module(target)
+        except ImportError as exc:
+            raise ModelSpecError(f"--model {spec!r}: cannot import {target}: {exc}") from exc
+    fn = getattr(module, name, None)
+    if not callable(fn):
+        raise ModelSpecError(f"--model {spec!r}: {target} has no function {name}")
+    return fn
+
+
+def _build_from_factory(spec: str, device: str):  # noqa: ANN202
+    import inspect
+
+    import torch
+
+    fn = load_factory(spec)
+    try:
+        takes_device = "device" in inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        takes_device = False
+    made = fn(device=device) if takes_device else fn()
+    if not (isinstance(made, (tuple, list)) and len(made) == 2 and isinstance(made[0], torch.nn.Module)):
+        raise ModelSpecError(f"--model {spec!r}: the function must return (torch.nn.Module, example inputs)")
+    net, example = made
+    inputs = tuple(example) if isinstance(example, (tuple, list)) else (example,)
+    return net.to(device), tuple(x.to(device) if isinstance(x, torch.Tensor) else x for x in inputs)
+
+
 def build(model: str, mode: str, device: str, *, layers: int | None = None, batch: int | None = None):  # noqa: ANN201
-    """(module, example input) for a model name; GPU models run in bf16 on CUDA."""
+    """(module, example input) for a model name; GPU models run in bf16 on CUDA. For a FILE.py:FUNCTION or
+    MODULE:FUNCTION model, the example is the tuple of the module's positional inputs."""
     import torch
     from torch import nn
 
     torch.manual_seed(0)
     dtype = None
+    if is_factory(model):
+        net, example = _build_from_factory(model, device)
+        net.train() if mode == "train" else net.eval()
+        return net, example
     if model == "transformer":
         # Without this, eval + no_grad takes nn.TransformerEncoderLayer's fused fast path: one opaque op, nothing
         # for Inductor to generate, so "inference" would compile no kernel at all.
@@ -83,7 +151,14 @@ def build(model: str, mode: str, device: str, *, layers: int | None = None, batc
 
 
 def _logits(out: Any) -> Any:
-    return out.logits if hasattr(out, "logits") else out
+    """The tensor an output stands for: a Hugging Face output's logits, else the first tensor in it."""
+    if hasattr(out, "logits"):
+        return out.logits
+    if isinstance(out, (tuple, list)) and out:
+        return _logits(out[0])
+    if isinstance(out, dict) and out:
+        return _logits(next(iter(out.values())))
+    return out
 
 
 # -- GPU proof: count Triton compiles and autotuning -------------------------------------------------
@@ -193,7 +268,12 @@ def install_autotune_counters() -> dict[str, int]:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--model", default="transformer", choices=MODELS)
+    parser.add_argument(
+        "--model", default="transformer", help=f"one of {', '.join(MODELS)}, or FILE.py:FUNCTION / MODULE:FUNCTION"
+    )
+    parser.add_argument(
+        "--sys-path", action="append", default=[], metavar="DIR", help="put DIR on sys.path first (MODULE:FUNCTION)"
+    )
     parser.add_argument("--mode", default="train", choices=["train", "infer"])
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--castore", action="store_true", help="serve the caches from castore (castore.torch.install())")
@@ -208,6 +288,9 @@ def main(argv: list[str] | None = None) -> None:
         "on the GPU machine the teardown of CUDA and the compile workers took 10 s a process, after the measurement)",
     )
     args = parser.parse_args(argv)
+    if args.model not in MODELS and not is_factory(args.model):
+        parser.error(f"--model {args.model!r}: one of {', '.join(MODELS)}, or FILE.py:FUNCTION / MODULE:FUNCTION")
+    sys.path[:0] = args.sys_path
 
     cuda = args.device.startswith("cuda")
     ptxas_count_file = install_ptxas_counter() if cuda else None
@@ -222,7 +305,10 @@ def main(argv: list[str] | None = None) -> None:
 
         session = castore.torch.install()
     t_ready = time.time()
-    net, example = build(args.model, args.mode, args.device, layers=args.layers, batch=args.batch)
+    try:
+        net, example = build(args.model, args.mode, args.device, layers=args.layers, batch=args.batch)
+    except ModelSpecError as exc:
+        parser.error(str(exc))
     if cuda:
         torch.cuda.synchronize()
     t_compile = time.time()
@@ -241,19 +327,20 @@ def main(argv: list[str] | None = None) -> None:
         compiled = torch.compile(net)
     else:
         compiled = torch.compile(net)
+    inputs = example if isinstance(example, tuple) else (example,)
     if args.mode == "train":
-        if args.model.startswith("gpt2"):
+        if args.model in ("gpt2", "gpt2-autotune"):
             out = compiled(example, labels=example)
             loss = out.loss
         else:
-            out = compiled(example)
+            out = compiled(*inputs)
             loss = _logits(out).float().pow(2).mean()
         loss.backward()
         grads = [p.grad for p in net.parameters() if p.grad is not None]
         digest_src = [_logits(out).detach()] + (grads if args.model in CPU_MODELS else grads[:4] + grads[-4:])
     else:
         with torch.no_grad():
-            out = compiled(example)
+            out = compiled(*inputs)
         digest_src = [_logits(out)]
     if cuda:
         torch.cuda.synchronize()
