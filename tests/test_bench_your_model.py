@@ -100,3 +100,7 @@ def test_castore_bench_measures_your_own_model(tmp_path) -> None:  # noqa: ANN00
     assert rows["castore-hot"]["digests_match_writer"] is True and rows["castore-hot"]["digests_match_cold"] is True
     assert rows["warm-local"]["fx_hits"] >= 1  # forward and backward graphs come from the cold run's cache
     assert sorted(p.name for p in (out / "raw").iterdir())[0].startswith("my_model_make_model_train-")
+    # PyTorch's own timers of the compile steps, per process, for benchmarks/diag/compile_steps.py
+    hot = next(r for r in report["runs"] if r["mode"] == "castore-hot")
+    steps = hot["result"]["compile_steps"]
+    assert steps and all(seconds >= 0 and calls >= 1 for seconds, calls in steps.values())

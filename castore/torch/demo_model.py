@@ -348,6 +348,13 @@ def main(argv: list[str] | None = None) -> None:
 
     from torch._dynamo.utils import counters
 
+    try:  # PyTorch's own timers of its compile steps (cache lookups, kernel loads, waits on compile workers)
+        from torch._dynamo.utils import compilation_time_metrics
+
+        timed_steps = sorted(((k, sum(v), len(v)) for k, v in compilation_time_metrics.items()), key=lambda t: -t[1])
+    except Exception:  # noqa: BLE001 - a diagnostic; absent or reshaped in some torch version
+        timed_steps = []
+
     h = hashlib.sha256()
     for t in digest_src:
         h.update(t.detach().float().cpu().numpy().round(4).tobytes())
@@ -366,6 +373,9 @@ def main(argv: list[str] | None = None) -> None:
         "torch": torch.__version__,
         "layers": args.layers,
         "batch": args.batch,
+        # seconds and calls of the 30 longest: where the compile phase went, to compare modes (benchmarks/diag)
+        "compile_steps": {k: [round(total, 3), n] for k, total, n in timed_steps[:30]},
+        "inductor_counters": dict(counters["inductor"]),
     }
     if cuda:
         result["triton_compiles"] = _count_lines(ptxas_count_file)
