@@ -54,11 +54,11 @@ def test_bench_quick_writes_json_markdown_chart_and_ratios(tmp_path) -> None:  #
     assert all(json.loads((out / "raw" / name).read_text())["result"] for name in raw)
 
 
-def _run(mode: str, digest: str, seconds: float = 1.0):  # noqa: ANN202
+def _run(mode: str, digest: str, seconds: float = 1.0, repeat: int = 0, call: str | None = None):  # noqa: ANN202
     from castore.bench.hot_load import Run
 
     result = {"seconds_to_first_output": seconds, "seconds_compile": seconds / 2, "output_digest": digest, "fxgraph": {}}
-    return Run(model="m:infer", mode=mode, repeat=0, ok=True, result=result)
+    return Run(model="m:infer", mode=mode, repeat=repeat, ok=True, result=result, call=call)
 
 
 def test_a_hot_start_is_checked_against_the_compile_that_wrote_its_caches() -> None:
@@ -105,10 +105,10 @@ def test_merged_calls_pool_their_runs_and_check_each_against_its_own_writer() ->
 def test_a_merged_report_merged_again_keeps_each_repeat_paired() -> None:
     """An earlier merged report pooled with a new call: every call's repeats keep their pairing, although one mode
     of the first call stopped a repeat short at its deadline."""
-    from castore.bench.hot_load import Run, merge_reports
+    from castore.bench.hot_load import merge_reports
 
-    def run(mode: str, repeat: int, seconds: float) -> Run:
-        return Run(model="m:infer", mode=mode, repeat=repeat, ok=True, result={"seconds_to_first_output": seconds, "seconds_compile": 1.0, "output_digest": "d", "fxgraph": {}})  # fmt: skip
+    def run(mode: str, repeat: int, seconds: float):  # noqa: ANN202
+        return _run(mode, "d", seconds, repeat)
 
     first = [run("warm-local", 0, 10), run("castore-hot", 0, 11), run("warm-local", 1, 20), run("castore-hot", 1, 22),
              run("warm-local", 2, 30)]  # fmt: skip
@@ -127,11 +127,10 @@ def test_a_merged_report_merged_again_keeps_each_repeat_paired() -> None:
 def test_the_paired_ratio_compares_each_process_with_the_warm_start_of_its_own_repeat() -> None:
     """Each process is divided by the warm-local process of its own repeat in its own call (run back to back, so a
     machine that drifts between repeats or calls moves both); a repeat without a warm-local one is left out."""
-    from castore.bench.hot_load import Run, summarize
+    from castore.bench.hot_load import summarize
 
-    def run(mode: str, repeat: int, seconds: float, call: str = "c1") -> Run:
-        result = {"seconds_to_first_output": seconds, "seconds_compile": 1.0, "output_digest": "d", "fxgraph": {}}
-        return Run(model="m:infer", mode=mode, repeat=repeat, ok=True, result=result, call=call)
+    def run(mode: str, repeat: int, seconds: float, call: str = "c1"):  # noqa: ANN202
+        return _run(mode, "d", seconds, repeat, call)
 
     runs = [run("warm-local", 0, 10), run("castore-hot", 0, 9), run("warm-local", 1, 20), run("castore-hot", 1, 19),
             run("warm-local", 2, 21), run("castore-hot", 2, 22), run("castore-hot", 3, 5),  # no warm-local in repeat 3

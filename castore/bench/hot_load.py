@@ -109,13 +109,15 @@ def split_model_spec(spec: str) -> tuple[str, str]:
 
 def resolve_model_spec(spec: str) -> str:
     """``model:phase`` with the phase spelled out and a FILE.py made absolute (the processes run elsewhere)."""
+    from castore.torch.demo_model import factory_file
+
     model, phase = split_model_spec(spec)
-    target, sep, function = model.rpartition(":")
-    if sep and (target.endswith(".py") or os.sep in target):
+    target = factory_file(model)
+    if target is not None:
         path = os.path.abspath(target)
         if not os.path.isfile(path):
             raise SystemExit(f"--models {spec!r}: no file {path}")
-        model = f"{path}:{function}"
+        model = path + model[len(target) :]
     return f"{model}:{phase}"
 
 
@@ -400,11 +402,13 @@ class HotLoadBench:
 
     # -- one model
     def bench_model(self, spec: str, modes: list[str]) -> None:
+        from castore.torch.demo_model import is_factory
+
         model, phase = split_model_spec(spec)
         # --fast-exit: the measurement ends at the first output; the GPU machine spent 10 s more per process in
         # teardown (CUDA, compile workers), device time better spent on repeats.
         args = ["--model", model, "--mode", phase, "--device", self.opts.device, "--fast-exit"]
-        if ":" in model:  # your own model: a MODULE:FUNCTION is imported from where the benchmark was started
+        if is_factory(model):  # your own model: a MODULE:FUNCTION is imported from where the benchmark was started
             args += ["--sys-path", os.getcwd()]
         if self.opts.layers:
             args += ["--layers", str(self.opts.layers)]

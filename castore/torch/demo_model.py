@@ -39,7 +39,14 @@ class ModelSpecError(ValueError):
 
 
 def is_factory(model: str) -> bool:
+    """A model of your own (FILE.py:FUNCTION or MODULE:FUNCTION), not a built-in one."""
     return ":" in model
+
+
+def factory_file(model: str) -> str | None:
+    """The file a FILE.py:FUNCTION model names, as given; None for a built-in or MODULE:FUNCTION model."""
+    target, sep, _ = model.rpartition(":")
+    return target if sep and (target.endswith(".py") or os.sep in target) else None
 
 
 def load_factory(spec: str) -> Any:
@@ -51,7 +58,7 @@ def load_factory(spec: str) -> Any:
     target, _, name = spec.rpartition(":")
     if not target or not name.isidentifier():
         raise ModelSpecError(f"--model {spec!r}: expected FILE.py:FUNCTION or MODULE:FUNCTION")
-    if target.endswith(".py") or os.sep in target:
+    if factory_file(spec) is not None:
         path = os.path.abspath(target)
         if not os.path.isfile(path):
             raise ModelSpecError(f"--model {spec!r}: no file {path}")
