@@ -108,7 +108,7 @@ def build(model: str, mode: str, device: str, *, layers: int | None = None, batc
     dtype = None
     if is_factory(model):
         net, example = _build_from_factory(model, device)
-        net.train() if mode == "train" else net.eval()
+        net.train(mode == "train")  # eval() for inference
         return net, example
     if model == "transformer":
         # Without this, eval + no_grad takes nn.TransformerEncoderLayer's fused fast path: one opaque op, nothing
