@@ -20,6 +20,7 @@ import torch._inductor.runtime.triton_heuristics as th  # noqa: E402
 
 from castore.config import load_config  # noqa: E402
 from castore.torch import autotune_fixes  # noqa: E402
+from castore.torch.import_hooks import Patches  # noqa: E402
 from castore.torch.session import StoreSession  # noqa: E402
 
 
@@ -67,17 +68,19 @@ def installed(tmp_path: Path) -> Any:
     undo: list[Any] = []
 
     def machine(name: str, url: str) -> StoreSession:
-        for fn in undo:
-            fn()
+        for patches in undo:
+            patches.undo()
         undo.clear()
         session = _session(tmp_path / name, url)
-        undo.append(autotune_fixes.install(session))
+        patches = Patches()
+        autotune_fixes.install(session, patches)
+        undo.append(patches)
         sessions.append(session)
         return session
 
     yield machine
-    for fn in undo:
-        fn()
+    for patches in undo:
+        patches.undo()
 
 
 def test_a_fresh_machine_reuses_the_winner_pytorch_keeps_no_cache_for(tmp_path: Path, s3_url: str, installed: Any) -> None:
@@ -171,8 +174,9 @@ def test_the_recheck_fix_applies_only_to_torch_versions_that_need_it(tmp_path: P
 
 def test_uninstall_restores_pytorch_s_methods(tmp_path: Path) -> None:
     before = {n: th.CachingAutotuner.__dict__[n] for n in ("autotune_to_one_config", "_dynamic_scale_rblock")}
-    undo = autotune_fixes.install(_session(tmp_path, f"file://{tmp_path}/bucket"))
+    patches = Patches()
+    autotune_fixes.install(_session(tmp_path, f"file://{tmp_path}/bucket"), patches)
     assert th.CachingAutotuner.__dict__["autotune_to_one_config"] is not before["autotune_to_one_config"]
-    undo()
+    patches.undo()
     assert {n: th.CachingAutotuner.__dict__[n] for n in before} == before
     json.dumps(autotune_fixes.counters)

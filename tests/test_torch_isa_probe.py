@@ -15,6 +15,7 @@ pytest.importorskip("torch")
 
 from castore.config import load_config  # noqa: E402
 from castore.torch import isa_probe  # noqa: E402
+from castore.torch.import_hooks import Patches  # noqa: E402
 from castore.torch.session import StoreSession  # noqa: E402
 
 pytestmark = pytest.mark.torch
@@ -28,11 +29,12 @@ def hooked(tmp_path: Path) -> Iterator[tuple[StoreSession, object]]:
         pytest.skip("this torch has no VecISA._probe_load")
     config = load_config({"url": f"file://{tmp_path}/store", "cache_dir": str(tmp_path / "local")}, env={})
     session = StoreSession(config, "torch-test")
-    undo = isa_probe.install(session)
+    patches = Patches()
+    isa_probe.install(session, patches)
     try:
         yield session, cpu_vec_isa.VecAVX2()
     finally:
-        undo()
+        patches.undo()
         session.close()
 
 

@@ -31,6 +31,14 @@ TORCH_ENV = {
 }
 
 TRITON_CACHE_MANAGER = "castore.torch.triton_cache:CastoreTritonCacheManager"
+# The in-process switches of the same caches, set when their config module is imported (PGO's remote cache is used
+# only when TORCH_COMPILE_JOB_ID names the job, as PyTorch requires).
+SWITCHES = [
+    ("torch._inductor.config", "fx_graph_remote_cache"),
+    ("torch._inductor.config", "autotune_remote_cache"),
+    ("torch._functorch.config", "enable_remote_autograd_cache"),
+    ("torch._dynamo.config", "automatic_dynamic_remote_pgo"),
+]
 
 _lock = threading.Lock()
 _active: dict[str, Any] = {}
@@ -54,43 +62,27 @@ def install(url: str | None = None, *, config: Config | None = None, namespace: 
         started = time.monotonic()
         if config is None:
             config = load_config({"url": url, **overrides})
-        import torch  # noqa: F401 - the hooks below patch torch modules
-        import torch._dynamo.config
-        import torch._functorch.config
-        import torch._inductor.config
+        import torch  # noqa: F401 - the namespace names its version
 
         from castore.torch import artifacts, autotune_fixes, isa_probe, remote_caches
+        from castore.torch.import_hooks import Patches
 
         session = StoreSession(config, namespace or default_namespace())
-        previous = remote_caches.install(session)
-        switches = [
-            (torch._inductor.config, "fx_graph_remote_cache"),
-            (torch._inductor.config, "autotune_remote_cache"),
-            (torch._functorch.config, "enable_remote_autograd_cache"),
-            # PGO's remote cache is used only when TORCH_COMPILE_JOB_ID names the job, as PyTorch requires.
-            (torch._dynamo.config, "automatic_dynamic_remote_pgo"),
-        ]
-        saved_switches = [(mod, name, getattr(mod, name)) for mod, name in switches if hasattr(mod, name)]
-        for mod, name, _ in saved_switches:
-            setattr(mod, name, True)
-        restore_artifacts = artifacts.install(session)
-        restore_autotune = autotune_fixes.install(session)
-        restore_isa_probe = isa_probe.install(session)
+        # Every patch waits for PyTorch to import its module (import_hooks): a process that imports torch but never
+        # compiles (a data-loader worker) pays nothing for Dynamo and Inductor.
+        patches = Patches()
+        remote_caches.install(session, patches)
+        for module_name, switch in SWITCHES:
+            patches.on_import(module_name, lambda module, switch=switch: patches.replace(module, switch, True))
+        artifacts.install(session, patches)
+        autotune_fixes.install(session, patches)
+        isa_probe.install(session, patches)
         exported = job_environment(config, session.namespace)
         saved_env = {name: os.environ.get(name) for name, value in exported.items() if os.environ.get(name) != value}
         saved_path = list(sys.path)
         _export_environment(exported)
         session.prewarm()
-        _active.update(
-            session=session,
-            previous=previous,
-            restore_artifacts=restore_artifacts,
-            restore_autotune=restore_autotune,
-            restore_isa_probe=restore_isa_probe,
-            saved_switches=saved_switches,
-            saved_env=saved_env,
-            saved_path=saved_path,
-        )
+        _active.update(session=session, patches=patches, saved_env=saved_env, saved_path=saved_path)
         session.stats.install_seconds = time.monotonic() - started
         log.info("castore: torch.compile caches served from %s (namespace %s)", config.url, session.namespace)
         return session
@@ -101,16 +93,9 @@ def uninstall() -> None:
     with _lock:
         if "session" not in _active:
             return
-        from castore.torch import remote_caches
-
         session: StoreSession = _active["session"]
         session.close()
-        remote_caches.uninstall(_active["previous"])
-        _active["restore_artifacts"]()
-        _active["restore_autotune"]()
-        _active["restore_isa_probe"]()
-        for mod, name, value in _active["saved_switches"]:
-            setattr(mod, name, value)
+        _active["patches"].undo()
         for name, value in _active["saved_env"].items():
             if value is None:
                 os.environ.pop(name, None)

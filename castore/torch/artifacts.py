@@ -26,8 +26,10 @@ import platform
 import sys
 import threading
 from collections.abc import Callable
+from types import ModuleType
 from typing import Any
 
+from castore.torch.import_hooks import Patches
 from castore.torch.session import StoreSession
 
 log = logging.getLogger("castore.torch")
@@ -86,127 +88,120 @@ def _upload(session: StoreSession, cache: str, key: str, path: str) -> None:
     session.put(cache, key, data, meta={"artifact": cache, "filename": os.path.basename(path)})
 
 
-def install(session: StoreSession) -> Callable[[], None]:
-    """Install the hooks; returns a function that removes them."""
-    import torch._inductor.codecache as codecache
-    import torch._inductor.cpp_builder as cpp_builder
-    from torch._inductor.runtime.cache_dir_utils import cache_dir
-
-    restore: list[Callable[[], None]] = []
-
-    def patch(owner: Any, name: str, replacement: Any) -> None:
-        original = getattr(owner, name)
-        setattr(owner, name, replacement)
-        restore.append(lambda: setattr(owner, name, original))
-
-    # 1. Count every compiler run.
-    original_run = cpp_builder.run_compile_cmd
-
-    def run_compile_cmd(cmd_line: str, cwd: str) -> None:
-        _count_compile()
-        return original_run(cmd_line, cwd)
-
-    patch(cpp_builder, "run_compile_cmd", run_compile_cmd)
-
-    # 2. The precompiled header, named without running the preprocessor, built or fetched on demand.
-    original_pch = getattr(codecache, "_precompile_header", None)
-    header_dir = getattr(codecache, "_HEADER_DIR", None)
-    pending: dict[str, tuple[str, str, dict[str, Any]]] = {}
+def install(session: StoreSession, patches: Patches) -> None:
+    """Hook Inductor's C++ builds as its modules are imported (cpp_builder, then codecache, which imports it)."""
+    pending: dict[str, tuple[str, str, dict[str, Any]]] = {}  # precompiled headers named but not built yet
     pch_lock = threading.Lock()
+    in_kernel_build = threading.local()  # the generic build hook leaves kernel builds (and their .o) to the other
+    pch: dict[str, Callable[[str], None]] = {}  # "ensure": build or fetch one header's .gch (set with codecache)
 
-    if original_pch is not None and header_dir is not None:
-        build_pch = getattr(original_pch, "__wrapped__", original_pch)
+    def on_cpp_builder(cpp_builder: ModuleType) -> None:
+        # 1. Count every compiler run.
+        original_run = cpp_builder.run_compile_cmd
 
-        @functools.cache
-        def lazy_precompile_header(header: str, hashable_cmd_line: str, **compile_command: Any) -> str:
-            key_material = repr((header, hashable_cmd_line, sorted(map(str, compile_command.items())), toolchain_fingerprint()))
-            name = "c" + hashlib.sha256(key_material.encode()).hexdigest()[:40] + ".h"
-            path = os.path.join(header_dir, "castore", name)
-            if not os.path.exists(path):
-                codecache.write_atomic(path, f"#include <{header}>\n", make_dirs=True)
-            pending[path] = (header, hashable_cmd_line, compile_command)
-            return path
+        def run_compile_cmd(cmd_line: str, cwd: str) -> None:
+            _count_compile()
+            return original_run(cmd_line, cwd)
 
-        def ensure_pch(path: str) -> None:
-            gch = path + ".gch"
-            with pch_lock:
-                if os.path.exists(gch):
-                    return
-                key = f"pch.{os.path.basename(gch)}"
-                if _fetch_into(session, "cpp-pch", key, gch):
-                    return
-                header, cmd_line, kwargs = pending[path]
-                built = build_pch(header, cmd_line, **kwargs)  # PyTorch's own build (-E, hash, -x c++-header)
-                if os.path.exists(built + ".gch"):
-                    from castore.fsutil import write_atomic
+        patches.replace(cpp_builder, "run_compile_cmd", run_compile_cmd)
 
-                    with open(built + ".gch", "rb") as f:
-                        write_atomic(gch, f.read())
-                    _upload(session, "cpp-pch", key, gch)
+        # 4. Any other build under the cache dir (vector-ISA probes).
+        original_build = cpp_builder.CppBuilder.build
 
-        patch(codecache, "_precompile_header", lazy_precompile_header)
-    else:
+        def build(self: Any) -> Any:
+            from torch._inductor.runtime.cache_dir_utils import cache_dir
 
-        def ensure_pch(path: str) -> None:
-            return None
-
-    def ensure_pch_for(builders: Any) -> None:
-        for builder in builders:
-            command = builder.get_command_line()
-            for path in list(pending):
-                if path in command:
-                    ensure_pch(path)
-
-    # 3. Kernel .so files: fetch the final target before compiling, upload after.
-    original_worker = getattr(codecache, "_worker_compile_cpp", None)
-    in_kernel_build = threading.local()  # the generic hook below leaves kernel builds (and their .o) to this one
-    if original_worker is not None:
-
-        def worker_compile_cpp(lock_path: str, cpp_builders: Any) -> None:
-            final = cpp_builders[-1].get_target_file_path()
+            target = self.get_target_file_path()
             root = cache_dir()
-            eligible = os.path.abspath(final).startswith(root + os.sep)
-            if eligible and not os.path.exists(final):
-                key = _artifact_key("cpp", final, root)
-                if _fetch_into(session, "cpp-kernel", key, final):
-                    return  # the linked .so is all PyTorch loads; the .o steps are skipped too
-            if not os.path.exists(final):
-                ensure_pch_for(cpp_builders)
-            existed = os.path.exists(final)
-            in_kernel_build.active = True
-            try:
-                original_worker(lock_path, cpp_builders)
-            finally:
-                in_kernel_build.active = False
-            if eligible and not existed and os.path.exists(final):
-                _upload(session, "cpp-kernel", _artifact_key("cpp", final, root), final)
+            eligible = (
+                not getattr(in_kernel_build, "active", False)
+                and not getattr(self, "_preprocessing", False)
+                and not getattr(self, "_precompiling", False)
+                and os.path.abspath(target).startswith(root + os.sep)
+            )
+            if eligible and not os.path.exists(target):
+                if _fetch_into(session, "cpp-build", _artifact_key("build", target, root), target):
+                    return None
+            result = original_build(self)
+            if eligible and os.path.exists(target):
+                _upload(session, "cpp-build", _artifact_key("build", target, root), target)
+            return result
 
-        patch(codecache, "_worker_compile_cpp", worker_compile_cpp)
+        patches.replace(cpp_builder.CppBuilder, "build", build)
 
-    # 4. Any other build under the cache dir (vector-ISA probes).
-    original_build = cpp_builder.CppBuilder.build
+    def on_codecache(codecache: ModuleType) -> None:
+        # 2. The precompiled header, named without running the preprocessor, built or fetched on demand.
+        original_pch = getattr(codecache, "_precompile_header", None)
+        header_dir = getattr(codecache, "_HEADER_DIR", None)
+        if original_pch is not None and header_dir is not None:
+            build_pch = getattr(original_pch, "__wrapped__", original_pch)
 
-    def build(self: Any) -> Any:
-        target = self.get_target_file_path()
-        root = cache_dir()
-        eligible = (
-            not getattr(in_kernel_build, "active", False)
-            and not getattr(self, "_preprocessing", False)
-            and not getattr(self, "_precompiling", False)
-            and os.path.abspath(target).startswith(root + os.sep)
-        )
-        if eligible and not os.path.exists(target):
-            if _fetch_into(session, "cpp-build", _artifact_key("build", target, root), target):
-                return None
-        result = original_build(self)
-        if eligible and os.path.exists(target):
-            _upload(session, "cpp-build", _artifact_key("build", target, root), target)
-        return result
+            @functools.cache
+            def lazy_precompile_header(header: str, hashable_cmd_line: str, **compile_command: Any) -> str:
+                key_material = repr((header, hashable_cmd_line, sorted(map(str, compile_command.items())), toolchain_fingerprint()))
+                name = "c" + hashlib.sha256(key_material.encode()).hexdigest()[:40] + ".h"
+                path = os.path.join(header_dir, "castore", name)
+                if not os.path.exists(path):
+                    codecache.write_atomic(path, f"#include <{header}>\n", make_dirs=True)
+                pending[path] = (header, hashable_cmd_line, compile_command)
+                return path
 
-    patch(cpp_builder.CppBuilder, "build", build)
+            def ensure_pch(path: str) -> None:
+                gch = path + ".gch"
+                with pch_lock:
+                    if os.path.exists(gch):
+                        return
+                    key = f"pch.{os.path.basename(gch)}"
+                    if _fetch_into(session, "cpp-pch", key, gch):
+                        return
+                    header, cmd_line, kwargs = pending[path]
+                    built = build_pch(header, cmd_line, **kwargs)  # PyTorch's own build (-E, hash, -x c++-header)
+                    if os.path.exists(built + ".gch"):
+                        from castore.fsutil import write_atomic
 
-    def undo() -> None:
-        for fn in reversed(restore):
-            fn()
+                        with open(built + ".gch", "rb") as f:
+                            write_atomic(gch, f.read())
+                        _upload(session, "cpp-pch", key, gch)
 
-    return undo
+            pch["ensure"] = ensure_pch
+            patches.replace(codecache, "_precompile_header", lazy_precompile_header)
+
+        def ensure_pch_for(builders: Any) -> None:
+            ensure = pch.get("ensure")
+            if ensure is None:
+                return
+            for builder in builders:
+                command = builder.get_command_line()
+                for path in list(pending):
+                    if path in command:
+                        ensure(path)
+
+        # 3. Kernel .so files: fetch the final target before compiling, upload after.
+        original_worker = getattr(codecache, "_worker_compile_cpp", None)
+        if original_worker is not None:
+
+            def worker_compile_cpp(lock_path: str, cpp_builders: Any) -> None:
+                from torch._inductor.runtime.cache_dir_utils import cache_dir
+
+                final = cpp_builders[-1].get_target_file_path()
+                root = cache_dir()
+                eligible = os.path.abspath(final).startswith(root + os.sep)
+                if eligible and not os.path.exists(final):
+                    key = _artifact_key("cpp", final, root)
+                    if _fetch_into(session, "cpp-kernel", key, final):
+                        return  # the linked .so is all PyTorch loads; the .o steps are skipped too
+                if not os.path.exists(final):
+                    ensure_pch_for(cpp_builders)
+                existed = os.path.exists(final)
+                in_kernel_build.active = True
+                try:
+                    original_worker(lock_path, cpp_builders)
+                finally:
+                    in_kernel_build.active = False
+                if eligible and not existed and os.path.exists(final):
+                    _upload(session, "cpp-kernel", _artifact_key("cpp", final, root), final)
+
+            patches.replace(codecache, "_worker_compile_cpp", worker_compile_cpp)
+
+    patches.on_import("torch._inductor.cpp_builder", on_cpp_builder)
+    patches.on_import("torch._inductor.codecache", on_codecache)

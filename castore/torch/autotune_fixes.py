@@ -26,8 +26,10 @@ import json
 import logging
 import os
 from collections.abc import Callable
+from types import ModuleType
 from typing import Any
 
+from castore.torch.import_hooks import Patches
 from castore.torch.session import StoreSession
 
 log = logging.getLogger("castore.torch")
@@ -77,19 +79,16 @@ def winner_key(autotuner: Any) -> str | None:
     return "winner." + hashlib.sha256(material.encode()).hexdigest()
 
 
-def install(session: StoreSession) -> Callable[[], None]:
-    """Install the patches that apply to the running torch; returns a function that removes them."""
-    try:
-        import torch._inductor.runtime.triton_heuristics as th
-    except Exception:  # noqa: BLE001 - no Inductor runtime: nothing to fix
-        return lambda: None
+def install(session: StoreSession, patches: Patches) -> None:
+    """Install the patches that apply to the running torch when Inductor's Triton runtime is imported."""
+    patches.on_import("torch._inductor.runtime.triton_heuristics", lambda th: _patch_autotuner(session, patches, th))
+
+
+def _patch_autotuner(session: StoreSession, patches: Patches, th: ModuleType) -> None:
     cls = th.CachingAutotuner
-    restore: list[Callable[[], None]] = []
 
     def patch(name: str, replacement: Any) -> None:
-        original = cls.__dict__[name]
-        setattr(cls, name, replacement)
-        restore.append(lambda: setattr(cls, name, original))
+        patches.replace(cls, name, replacement)
 
     # 1. recheck_autotune_cache, where the running torch still has the single-config guard.
     original_recheck = cls.__dict__.get("recheck_autotune_cache")
@@ -159,12 +158,6 @@ def install(session: StoreSession) -> Callable[[], None]:
             return result
 
         patch("autotune_to_one_config", autotune_to_one_config)
-
-    def undo() -> None:
-        for fn in reversed(restore):
-            fn()
-
-    return undo
 
 
 def _has_single_config_guard(method: Any) -> bool:

@@ -18,9 +18,10 @@ import functools
 import hashlib
 import platform
 import threading
-from collections.abc import Callable
+from types import ModuleType
 from typing import Any
 
+from castore.torch.import_hooks import Patches
 from castore.torch.session import StoreSession
 
 CACHE = "isa-probe"
@@ -71,24 +72,25 @@ def _count_probe() -> None:
         probes_run += 1
 
 
-def install(session: StoreSession) -> Callable[[], None]:
-    """Serve ``VecISA._probe_load`` verdicts from the store; returns a function that removes the hook."""
-    from torch._inductor import cpu_vec_isa
+def install(session: StoreSession, patches: Patches) -> None:
+    """Serve ``VecISA._probe_load`` verdicts from the store, once Inductor's cpu_vec_isa is imported."""
 
-    vec_isa = cpu_vec_isa.VecISA
-    original = vec_isa.__dict__.get("_probe_load")
-    if original is None:
-        return lambda: None
+    def on_cpu_vec_isa(cpu_vec_isa: ModuleType) -> None:
+        vec_isa = cpu_vec_isa.VecISA
+        original = vec_isa.__dict__.get("_probe_load")
+        if original is None:
+            return
 
-    def probe_load(self: Any, output_path: str) -> bool:
-        key = probe_key(str(self), output_path)
-        if key is not None and session.get(CACHE, key) == PASSED:
-            return True
-        _count_probe()
-        passed = original(self, output_path)
-        if passed and key is not None:
-            session.put(CACHE, key, PASSED, meta={"artifact": CACHE, "isa": str(self)})
-        return passed
+        def probe_load(self: Any, output_path: str) -> bool:
+            key = probe_key(str(self), output_path)
+            if key is not None and session.get(CACHE, key) == PASSED:
+                return True
+            _count_probe()
+            passed = original(self, output_path)
+            if passed and key is not None:
+                session.put(CACHE, key, PASSED, meta={"artifact": CACHE, "isa": str(self)})
+            return passed
 
-    vec_isa._probe_load = probe_load
-    return lambda: setattr(vec_isa, "_probe_load", original)
+        patches.replace(vec_isa, "_probe_load", probe_load)
+
+    patches.on_import("torch._inductor.cpu_vec_isa", on_cpu_vec_isa)

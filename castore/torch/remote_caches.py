@@ -6,8 +6,10 @@ import base64
 import json
 import logging
 import re
+from types import ModuleType
 from typing import Any
 
+from castore.torch.import_hooks import Patches
 from castore.torch.session import StoreSession
 
 log = logging.getLogger("castore.torch")
@@ -109,22 +111,13 @@ def _write_local(writer: tuple[str, str], key: str, data: str | bytes) -> None:
         log.debug("castore: could not write %s entry %s locally: %s", writer[1], key, exc)
 
 
-def install(session: StoreSession) -> dict[str, Any]:
-    """Point every remote cache class at castore and switch the caches on. Returns what it changed."""
-    import torch._inductor.remote_cache as rc
+def install(session: StoreSession, patches: Patches) -> None:
+    """Point every remote cache class at castore once Inductor's remote_cache module is imported."""
 
-    previous = {}
-    for class_name, cache in CACHES.items():
-        cls = getattr(rc, class_name, None)
-        if cls is None:  # a cache this torch version does not have
-            continue
-        previous[class_name] = cls.backend_override_cls
-        cls.backend_override_cls = make_backend_class(session, cache)
-    return previous
+    def on_remote_cache(rc: ModuleType) -> None:
+        for class_name, cache in CACHES.items():
+            cls = getattr(rc, class_name, None)
+            if cls is not None:  # else a cache this torch version does not have
+                patches.replace(cls, "backend_override_cls", make_backend_class(session, cache))
 
-
-def uninstall(previous: dict[str, Any]) -> None:
-    import torch._inductor.remote_cache as rc
-
-    for class_name, override in previous.items():
-        getattr(rc, class_name).backend_override_cls = override
+    patches.on_import("torch._inductor.remote_cache", on_remote_cache)

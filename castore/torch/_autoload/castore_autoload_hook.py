@@ -14,23 +14,38 @@ from types import ModuleType
 
 
 class _AfterTorchImport(importlib.abc.MetaPathFinder):
+    """Wraps the loader of ``torch`` to install castore once torch has executed. It leaves sys.meta_path only
+    then: libraries probe for torch with importlib.util.find_spec("torch") long before they import it."""
+
+    searching = False
+
     def find_spec(self, fullname: str, path: object, target: object = None) -> importlib.machinery.ModuleSpec | None:
-        if fullname != "torch":
+        if fullname != "torch" or self.searching:
             return None
-        sys.meta_path.remove(self)  # one shot; also keeps the lookup below from finding us
-        spec = importlib.machinery.PathFinder.find_spec(fullname, path)  # type: ignore[arg-type]
-        if spec is None or spec.loader is None:
+        spec = None
+        self.searching = True  # the finders asked below may ask the whole meta path again
+        try:
+            for finder in list(sys.meta_path):
+                if finder is not self and hasattr(finder, "find_spec"):
+                    spec = finder.find_spec(fullname, path, target)
+                    if spec is not None:
+                        break
+        finally:
+            self.searching = False
+        if spec is None or spec.loader is None or not hasattr(spec.loader, "exec_module"):
             return spec
         loader = spec.loader
         original_exec = loader.exec_module  # type: ignore[attr-defined]
 
         def exec_module(module: ModuleType) -> None:
             original_exec(module)
+            if self in sys.meta_path:
+                sys.meta_path.remove(self)
             from castore.torch import install_from_environment
 
             install_from_environment()
 
-        loader.exec_module = exec_module  # type: ignore[method-assign]
+        loader.exec_module = exec_module  # type: ignore[method-assign]  # this spec's own loader object
         return spec
 
 
