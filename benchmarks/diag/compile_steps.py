@@ -26,6 +26,21 @@ def step_medians(runs: list[dict], model: str, mode: str) -> tuple[int, dict[str
     return len(steps), {n: statistics.median([s.get(n, [0.0])[0] for s in steps]) for n in names}
 
 
+def phase_medians(runs: list[dict], model: str, mode: str) -> dict[str, float]:
+    """Median seconds per process of the phases, and of the CPU time of the process and its compile workers."""
+    results = [r["result"] for r in runs if r.get("ok") and r["model"] == model and r["mode"] == mode]
+    rows: dict[str, list[float]] = {}
+    for res in results:
+        first, imp, comp = res["seconds_to_first_output"], res["seconds_import"], res["seconds_compile"]
+        cpu = res.get("cpu_seconds") or {}
+        values = {"first output": first, "import": imp, "build": first - imp - comp, "compile": comp,
+                  "cpu, process": cpu.get("self"), "cpu, descendants": cpu.get("descendants")}  # fmt: skip
+        for name, value in values.items():
+            if value is not None:
+                rows.setdefault(name, []).append(value)
+    return {name: statistics.median(values) for name, values in rows.items()}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("results", help="a directory with hot_load.json")
@@ -45,6 +60,11 @@ def main() -> None:
     base, hot = medians.get("warm-local", {}), medians.get("castore-hot", {})
     rows = sorted(names, key=lambda n: -(hot.get(n, 0.0) - base.get(n, 0.0)))
     print("processes: " + ", ".join(f"{m} {n}" for m, n in counts.items()))
+    phases = {m: phase_medians(runs, args.model, m) for m in modes}
+    print("".join(f"{m[:16]:>17}" for m in modes) + "  phase (median seconds per process)")
+    for name in dict.fromkeys(n for m in modes for n in phases[m]):
+        print("".join(f"{phases[m].get(name, float('nan')):17.3f}" for m in modes) + f"  {name}")
+    print()
     print("".join(f"{m[:16]:>17}" for m in modes) + "  step (median seconds per process)")
     for name in rows[: args.top]:
         print("".join(f"{medians[m].get(name, 0.0):17.3f}" for m in modes) + f"  {name}")

@@ -223,6 +223,33 @@ def install_ptxas_counter() -> str | None:
     return count_file
 
 
+def cpu_seconds() -> dict[str, float | None]:
+    """CPU seconds (user + system) used so far by this process and by its live descendants (Inductor's compile
+    workers, which nobody waits for). Beside the wall times they tell added work from contention for the cores.
+    Descendants are read from /proc (Linux); elsewhere None."""
+    mine = os.times()
+    descendants: float | None = None
+    try:
+        tick = os.sysconf("SC_CLK_TCK")
+        procs: dict[str, tuple[str, float]] = {}  # pid -> (parent pid, cpu seconds)
+        for pid in filter(str.isdigit, os.listdir("/proc")):
+            try:
+                with open(f"/proc/{pid}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()  # after the command name, which may hold spaces
+            except OSError:
+                continue  # exited meanwhile
+            procs[pid] = (fields[1], (int(fields[11]) + int(fields[12])) / tick)  # ppid, utime + stime
+        tree, descendants, grew = {str(os.getpid())}, 0.0, True
+        while grew:  # a pool's workers are grandchildren
+            new = {pid for pid, (parent, _) in procs.items() if parent in tree and pid not in tree}
+            descendants += sum(procs[pid][1] for pid in new)
+            tree |= new
+            grew = bool(new)
+    except (OSError, ValueError, IndexError):
+        descendants = None
+    return {"self": round(mine.user + mine.system, 3), "descendants": None if descendants is None else round(descendants, 3)}
+
+
 def _count_lines(path: str | None) -> int | None:
     if not path:
         return None
@@ -352,6 +379,7 @@ def main(argv: list[str] | None = None) -> None:
     if cuda:
         torch.cuda.synchronize()
     t_first = time.time()
+    cpu = cpu_seconds()
 
     from torch._dynamo.utils import counters
 
@@ -383,6 +411,7 @@ def main(argv: list[str] | None = None) -> None:
         # seconds and calls of the 30 longest: where the compile phase went, to compare modes (benchmarks/diag)
         "compile_steps": {k: [round(total, 3), n] for k, total, n in timed_steps[:30]},
         "inductor_counters": dict(counters["inductor"]),
+        "cpu_seconds": cpu,
     }
     if cuda:
         result["triton_compiles"] = _count_lines(ptxas_count_file)
