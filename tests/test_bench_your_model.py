@@ -104,3 +104,6 @@ def test_castore_bench_measures_your_own_model(tmp_path) -> None:  # noqa: ANN00
     hot = next(r for r in report["runs"] if r["mode"] == "castore-hot")
     steps = hot["result"]["compile_steps"]
     assert steps and all(seconds >= 0 and calls >= 1 for seconds, calls in steps.values())
+    # and the CPU seconds of the process and of its compile workers, beside its wall times
+    cpu = hot["result"]["cpu_seconds"]
+    assert 0 < cpu["self"] and cpu["descendants"] is not None and cpu["descendants"] >= 0

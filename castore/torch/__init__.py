@@ -16,6 +16,7 @@ import time
 from typing import Any
 
 from castore.config import Config, load_config
+from castore.torch.import_hooks import Patches
 from castore.torch.session import StoreSession
 
 log = logging.getLogger("castore.torch")
@@ -65,7 +66,6 @@ def install(url: str | None = None, *, config: Config | None = None, namespace: 
         import torch  # noqa: F401 - the namespace names its version
 
         from castore.torch import artifacts, autotune_fixes, isa_probe, remote_caches
-        from castore.torch.import_hooks import Patches
 
         session = StoreSession(config, namespace or default_namespace())
         # Every patch waits for PyTorch to import its module (import_hooks): a process that imports torch but never
@@ -73,7 +73,7 @@ def install(url: str | None = None, *, config: Config | None = None, namespace: 
         patches = Patches()
         remote_caches.install(session, patches)
         for module_name, switch in SWITCHES:
-            patches.on_import(module_name, lambda module, switch=switch: patches.replace(module, switch, True))
+            patches.on_import(module_name, lambda module, switch=switch: _switch_on(patches, module, switch))
         artifacts.install(session, patches)
         autotune_fixes.install(session, patches)
         isa_probe.install(session, patches)
@@ -86,6 +86,11 @@ def install(url: str | None = None, *, config: Config | None = None, namespace: 
         session.stats.install_seconds = time.monotonic() - started
         log.info("castore: torch.compile caches served from %s (namespace %s)", config.url, session.namespace)
         return session
+
+
+def _switch_on(patches: Patches, config_module: Any, name: str) -> None:
+    if hasattr(config_module, name):  # else a switch this torch version does not have
+        patches.replace(config_module, name, True)
 
 
 def uninstall() -> None:
