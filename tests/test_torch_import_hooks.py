@@ -10,6 +10,8 @@ import os
 import subprocess
 import sys
 import textwrap
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType, SimpleNamespace
@@ -58,6 +60,20 @@ def test_probing_for_a_module_does_not_use_the_hook_up(fresh_package: str) -> No
     assert seen == []
     importlib.import_module(fresh_package)
     assert seen == [fresh_package]
+
+
+def test_a_module_importing_on_another_thread_is_patched_once_it_is_done(fresh_package: str) -> None:
+    path = Path(importlib.util.find_spec(fresh_package).origin)  # type: ignore[union-attr,arg-type]
+    path.write_text("import time\ntime.sleep(0.5)\ndone = True\n")
+    importer = threading.Thread(target=importlib.import_module, args=(fresh_package,))
+    importer.start()
+    deadline = time.monotonic() + 10
+    while fresh_package not in sys.modules and time.monotonic() < deadline:
+        time.sleep(0.005)
+    seen: list[bool] = []
+    when_imported(fresh_package, lambda m: seen.append(getattr(m, "done", False)))  # its spec was found before
+    importer.join()
+    assert seen == [True]
 
 
 def test_a_cancelled_patch_never_runs(fresh_package: str) -> None:

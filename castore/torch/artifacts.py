@@ -25,7 +25,6 @@ import os
 import platform
 import sys
 import threading
-from collections.abc import Callable
 from types import ModuleType
 from typing import Any
 
@@ -90,10 +89,7 @@ def _upload(session: StoreSession, cache: str, key: str, path: str) -> None:
 
 def install(session: StoreSession, patches: Patches) -> None:
     """Hook Inductor's C++ builds as its modules are imported (cpp_builder, then codecache, which imports it)."""
-    pending: dict[str, tuple[str, str, dict[str, Any]]] = {}  # precompiled headers named but not built yet
-    pch_lock = threading.Lock()
     in_kernel_build = threading.local()  # the generic build hook leaves kernel builds (and their .o) to the other
-    pch: dict[str, Callable[[str], None]] = {}  # "ensure": build or fetch one header's .gch (set with codecache)
 
     def on_cpp_builder(cpp_builder: ModuleType) -> None:
         # 1. Count every compiler run.
@@ -130,6 +126,9 @@ def install(session: StoreSession, patches: Patches) -> None:
         patches.replace(cpp_builder.CppBuilder, "build", build)
 
     def on_codecache(codecache: ModuleType) -> None:
+        pending: dict[str, tuple[str, str, dict[str, Any]]] = {}  # precompiled headers named but not built yet
+        pch_lock = threading.Lock()
+
         # 2. The precompiled header, named without running the preprocessor, built or fetched on demand.
         original_pch = getattr(codecache, "_precompile_header", None)
         header_dir = getattr(codecache, "_HEADER_DIR", None)
@@ -163,18 +162,18 @@ def install(session: StoreSession, patches: Patches) -> None:
                             write_atomic(gch, f.read())
                         _upload(session, "cpp-pch", key, gch)
 
-            pch["ensure"] = ensure_pch
             patches.replace(codecache, "_precompile_header", lazy_precompile_header)
+        else:
+
+            def ensure_pch(path: str) -> None:
+                return None
 
         def ensure_pch_for(builders: Any) -> None:
-            ensure = pch.get("ensure")
-            if ensure is None:
-                return
             for builder in builders:
                 command = builder.get_command_line()
                 for path in list(pending):
                     if path in command:
-                        ensure(path)
+                        ensure_pch(path)
 
         # 3. Kernel .so files: fetch the final target before compiling, upload after.
         original_worker = getattr(codecache, "_worker_compile_cpp", None)

@@ -82,39 +82,38 @@ def _apply_quietly(name: str, apply: Apply, module: ModuleType) -> None:
         log.warning("castore: could not patch %s: %r", name, exc)
 
 
-def _imported(name: str) -> ModuleType | None:
-    module = sys.modules.get(name)
-    if module is None:
-        return None
-    if getattr(getattr(module, "__spec__", None), "_initializing", False):
-        # Being imported on another thread (this waits for it) or further up this one's stack (this returns the
-        # partial module, as a nested import would).
-        module = importlib.import_module(name)
-    return module
+def _take(name: str, apply: Apply) -> bool:
+    """Remove ``apply`` from the callbacks pending for ``name``; False if it was not pending (it ran already)."""
+    with _finder.lock:
+        pending = _finder.callbacks.get(name, [])
+        if apply not in pending:
+            return False
+        pending.remove(apply)
+        if not pending:
+            del _finder.callbacks[name]
+        return True
 
 
 def when_imported(name: str, apply: Apply) -> Callable[[], None]:
     """Run ``apply(module)`` once ``name`` has been imported: now if it has, else right after its import.
     Returns a function that cancels a pending call (a no-op once it has run)."""
     with _finder.lock:
-        module = _imported(name)
-        if module is None:
-            _finder.callbacks.setdefault(name, []).append(apply)
-            if not sys.meta_path or sys.meta_path[0] is not _finder:
-                if _finder in sys.meta_path:
-                    sys.meta_path.remove(_finder)
-                sys.meta_path.insert(0, _finder)
-    if module is not None:
-        _apply_quietly(name, apply, module)
-        return lambda: None
+        _finder.callbacks.setdefault(name, []).append(apply)
+        if not sys.meta_path or sys.meta_path[0] is not _finder:
+            if _finder in sys.meta_path:
+                sys.meta_path.remove(_finder)
+            sys.meta_path.insert(0, _finder)
+    if name in sys.modules:
+        # Imported already, or being imported: on another thread, whose spec may have been found before the
+        # callback was registered (import_module waits for it to finish), or further up this thread's stack (the
+        # module is still initialising, and the wrapped loader, if any, runs the callback when it is done).
+        # Outside the lock: the other thread's wrapped loader takes it when the module is done.
+        module = importlib.import_module(name)
+        if not getattr(getattr(module, "__spec__", None), "_initializing", False) and _take(name, apply):
+            _apply_quietly(name, apply, module)
 
     def cancel() -> None:
-        with _finder.lock:
-            pending = _finder.callbacks.get(name, [])
-            if apply in pending:
-                pending.remove(apply)
-            if not pending:
-                _finder.callbacks.pop(name, None)
+        _take(name, apply)
 
     return cancel
 
