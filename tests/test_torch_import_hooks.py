@@ -169,13 +169,15 @@ def test_autoload_survives_a_find_spec_probe_for_torch_before_its_import(tmp_pat
     env["PYTHONPATH"] = os.pathsep.join([env["PYTHONPATH"], os.getcwd()])
     result = _python(
         """
-        import importlib.util, json
+        import importlib.util, json, sys
         assert importlib.util.find_spec("torch") is not None  # as transformers' is_torch_available() does
         import torch, castore.torch
         session = castore.torch.active_session()
-        print(json.dumps({"active": session is not None, "namespace": session and session.namespace}))
+        heavy = [m for m in ("torch._dynamo.convert_frame", "torch._inductor.codecache") if m in sys.modules]
+        print(json.dumps({"active": session is not None, "namespace": session and session.namespace, "heavy": heavy}))
         """,
         tmp_path,
         env,
     )
-    assert result == {"active": True, "namespace": "torch-test"}
+    # castore is on, and a process that imports torch without compiling (a data-loader worker) imported no more
+    assert result == {"active": True, "namespace": "torch-test", "heavy": []}
