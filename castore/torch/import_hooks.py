@@ -29,7 +29,8 @@ class _AfterImportFinder(importlib.abc.MetaPathFinder):
     """First on ``sys.meta_path``: for a watched name, asks the finders behind it for the spec and wraps the
     loader's ``exec_module`` to run the callbacks once the module has executed without error. It stays in place
     until then: a ``find_spec`` that is not followed by an import (``importlib.util.find_spec``, as libraries probe
-    for optional packages) must not use the hook up."""
+    for optional packages) must not use the hook up. The autoload's hook on ``torch`` itself
+    (``_autoload/castore_autoload_hook.py``) is a one-name twin kept free of castore imports: fix both alike."""
 
     def __init__(self) -> None:
         self.callbacks: dict[str, list[Apply]] = {}

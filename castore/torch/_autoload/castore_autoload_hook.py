@@ -15,7 +15,11 @@ from types import ModuleType
 
 class _AfterTorchImport(importlib.abc.MetaPathFinder):
     """Wraps the loader of ``torch`` to install castore once torch has executed. It leaves sys.meta_path only
-    then: libraries probe for torch with importlib.util.find_spec("torch") long before they import it."""
+    then: libraries probe for torch with importlib.util.find_spec("torch") long before they import it.
+
+    castore.torch.import_hooks does the same for Inductor's modules; this twin stays separate because importing
+    that module here would import the castore package in every process (see the module docstring). A fix to how
+    one finds and wraps a spec belongs in both."""
 
     searching = False
 
