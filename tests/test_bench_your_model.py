@@ -107,3 +107,6 @@ def test_castore_bench_measures_your_own_model(tmp_path) -> None:  # noqa: ANN00
     # and the CPU seconds of the process and of its compile workers, beside its wall times
     cpu = hot["result"]["cpu_seconds"]
     assert 0 < cpu["self"] and cpu["descendants"] is not None and cpu["descendants"] >= 0
+    # of which the threads the process started, by name: castore's (its store open, gets, prefetch) among them
+    assert any(name.startswith("castore") for name in cpu["threads"]), cpu["threads"]
+    assert all(seconds >= 0 for seconds in cpu["threads"].values())

@@ -27,14 +27,19 @@ def step_medians(runs: list[dict], model: str, mode: str) -> tuple[int, dict[str
 
 
 def phase_medians(runs: list[dict], model: str, mode: str) -> dict[str, float]:
-    """Median seconds per process of the phases, and of the CPU time of the process and its compile workers."""
+    """Median seconds per process of the phases, and of the CPU time of the process (all of it, then that of the
+    threads it started: castore's and the others) and of its compile workers."""
     results = [r["result"] for r in runs if r.get("ok") and r["model"] == model and r["mode"] == mode]
     rows: dict[str, list[float]] = {}
     for res in results:
         first, imp, comp = res["seconds_to_first_output"], res["seconds_import"], res["seconds_compile"]
         cpu = res.get("cpu_seconds") or {}
+        threads = cpu.get("threads")  # absent in reports from before it was recorded
+        castore_threads = None if threads is None else sum(s for n, s in threads.items() if n.startswith("castore"))
+        other_threads = None if threads is None else sum(s for n, s in threads.items() if not n.startswith("castore"))
         values = {"first output": first, "import": imp, "build": first - imp - comp, "compile": comp,
-                  "cpu, process": cpu.get("self"), "cpu, descendants": cpu.get("descendants")}  # fmt: skip
+                  "cpu, process": cpu.get("self"), "cpu, castore's threads": castore_threads,
+                  "cpu, other threads": other_threads, "cpu, descendants": cpu.get("descendants")}  # fmt: skip
         for name, value in values.items():
             if value is not None:
                 rows.setdefault(name, []).append(value)

@@ -20,9 +20,11 @@ import argparse
 import hashlib
 import json
 import os
+import re
 import stat
 import sys
 import tempfile
+import threading
 import time
 from typing import Any
 
@@ -223,10 +225,66 @@ def install_ptxas_counter() -> str | None:
     return count_file
 
 
-def cpu_seconds() -> dict[str, float | None]:
-    """CPU seconds (user + system) used so far by this process and by its live descendants (Inductor's compile
-    workers, which nobody waits for). Beside the wall times they tell added work from contention for the cores.
-    Descendants are read from /proc (Linux); elsewhere None."""
+class ThreadCpu:
+    """CPU seconds of the threads this process started, by name with pool numbers dropped ("castore_3" and
+    "castore_0" count as "castore"): the threads that share the interpreter lock with the main thread's tracing.
+    A thread that has ended is counted when its run() returns, a live one from /proc (Linux; elsewhere it is left
+    out). Counts threads started after install() whose class does not override run()."""
+
+    def __init__(self) -> None:
+        self._ended: dict[str, float] = {}
+        self._lock = threading.Lock()
+
+    def install(self) -> None:
+        run = threading.Thread.run
+
+        def counted_run(thread: threading.Thread) -> None:
+            try:
+                run(thread)
+            finally:
+                seconds = time.thread_time()
+                with self._lock:
+                    name = _thread_group(thread.name)
+                    self._ended[name] = self._ended.get(name, 0.0) + seconds
+                    # on the object: a later thread may get this one's ident, and it is listed until it exits
+                    thread._cpu_counted = True  # type: ignore[attr-defined]
+
+        threading.Thread.run = counted_run  # type: ignore[method-assign]
+
+    def snapshot(self) -> dict[str, float]:
+        with self._lock:
+            totals = dict(self._ended)
+            live = [t for t in threading.enumerate() if not getattr(t, "_cpu_counted", False)]
+        for thread in live:
+            if thread is threading.main_thread() or thread.native_id is None:
+                continue
+            seconds = _task_cpu_seconds(thread.native_id)
+            if seconds is not None:
+                name = _thread_group(thread.name)
+                totals[name] = totals.get(name, 0.0) + seconds
+        return {name: round(seconds, 3) for name, seconds in sorted(totals.items())}
+
+
+def _thread_group(name: str) -> str:
+    return re.sub(r"[-_]\d+", "", name)
+
+
+def _task_cpu_seconds(native_id: int) -> float | None:
+    try:
+        with open(f"/proc/self/task/{native_id}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+THREAD_CPU = ThreadCpu()
+
+
+def cpu_seconds() -> dict[str, Any]:
+    """CPU seconds (user + system) used so far by this process, by the threads it started (``ThreadCpu``) and by
+    its live descendants (Inductor's compile workers, which nobody waits for). Beside the wall times they tell
+    added work from contention for the cores. Descendants are read from /proc (Linux); elsewhere None."""
     mine = os.times()
     descendants: float | None = None
     try:
@@ -247,7 +305,11 @@ def cpu_seconds() -> dict[str, float | None]:
             grew = bool(new)
     except (OSError, ValueError, IndexError):
         descendants = None
-    return {"self": round(mine.user + mine.system, 3), "descendants": None if descendants is None else round(descendants, 3)}
+    return {
+        "self": round(mine.user + mine.system, 3),
+        "threads": THREAD_CPU.snapshot(),
+        "descendants": None if descendants is None else round(descendants, 3),
+    }
 
 
 def _count_lines(path: str | None) -> int | None:
@@ -325,6 +387,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.model not in MODELS and not is_factory(args.model):
         parser.error(f"--model {args.model!r}: one of {', '.join(MODELS)}, or FILE.py:FUNCTION / MODULE:FUNCTION")
     sys.path[:0] = args.sys_path
+    THREAD_CPU.install()  # before torch's import, where castore's autoload starts its threads
 
     cuda = args.device.startswith("cuda")
     ptxas_count_file = install_ptxas_counter() if cuda else None
