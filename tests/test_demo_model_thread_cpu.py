@@ -13,12 +13,10 @@ SCRIPT = textwrap.dedent(
     import json, threading, time
     from castore.torch.demo_model import ThreadCpu
 
-    def spin(seconds, then=None):
+    def spin(seconds):
         end = time.thread_time() + seconds
         while time.thread_time() < end:
             pass
-        if then is not None:
-            then.wait()
 
     meter = ThreadCpu()
     meter.install()

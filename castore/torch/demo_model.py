@@ -271,11 +271,16 @@ def _thread_group(name: str) -> str:
 
 def _task_cpu_seconds(native_id: int) -> float | None:
     try:
-        with open(f"/proc/self/task/{native_id}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        return _proc_stat(f"/proc/self/task/{native_id}/stat")[1]
     except (OSError, ValueError, IndexError):
         return None
+
+
+def _proc_stat(path: str) -> tuple[str, float]:
+    """(parent pid, CPU seconds: utime + stime) from a /proc/<pid>/stat or /proc/self/task/<tid>/stat file."""
+    with open(path) as f:
+        fields = f.read().rsplit(")", 1)[1].split()  # after the command name, which may hold spaces
+    return fields[1], (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 THREAD_CPU = ThreadCpu()
@@ -288,15 +293,12 @@ def cpu_seconds() -> dict[str, Any]:
     mine = os.times()
     descendants: float | None = None
     try:
-        tick = os.sysconf("SC_CLK_TCK")
         procs: dict[str, tuple[str, float]] = {}  # pid -> (parent pid, cpu seconds)
         for pid in filter(str.isdigit, os.listdir("/proc")):
             try:
-                with open(f"/proc/{pid}/stat") as f:
-                    fields = f.read().rsplit(")", 1)[1].split()  # after the command name, which may hold spaces
+                procs[pid] = _proc_stat(f"/proc/{pid}/stat")
             except OSError:
                 continue  # exited meanwhile
-            procs[pid] = (fields[1], (int(fields[11]) + int(fields[12])) / tick)  # ppid, utime + stime
         tree, descendants, grew = {str(os.getpid())}, 0.0, True
         while grew:  # a pool's workers are grandchildren
             new = {pid for pid, (parent, _) in procs.items() if parent in tree and pid not in tree}
