@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
-from castore.backends.base import Backend
+from castore.backends.base import Backend, ObjectInfo
 from castore.fsutil import read_file, write_atomic
 
 log = logging.getLogger(__name__)
@@ -122,6 +122,9 @@ class LocalLayer(Backend):
     def exists(self, path: str) -> bool:
         # The inner backend is the truth: a chunk held here may have been removed from the bucket.
         return self.inner.exists(path)
+
+    def head(self, path: str) -> ObjectInfo | None:
+        return self.inner.head(path)  # the bucket is the truth, as for exists()
 
     def delete(self, path: str) -> None:
         self.inner.delete(path)

@@ -15,7 +15,7 @@ import click
 import pytest
 from click.testing import CliRunner, Result
 
-from castore import cli
+from castore.cli import common
 from castore.cli import main
 from castore.errors import BackendError
 from castore.format import keys
@@ -257,7 +257,7 @@ def test_commands_added_elsewhere_get_the_same_error_handling(url: str) -> None:
     @click.command("explode")
     @click.pass_context
     def explode(ctx: click.Context) -> None:
-        cli.open_cli_store(ctx)
+        common.open_cli_store(ctx)
         raise BackendError("the bucket is on fire")
 
     main.add_command(explode)
@@ -295,15 +295,15 @@ def test_du_ratios_match_what_was_put(url: str) -> None:
 def test_progress_bars_only_on_a_tty_without_json(monkeypatch: pytest.MonkeyPatch) -> None:
     ctx = click.Context(main)
     ctx.params = {"as_json": False}
-    monkeypatch.setattr(cli, "_stderr_is_tty", lambda: False)
-    with cli.progress_bar(ctx, 10, "x") as bar:
+    monkeypatch.setattr(common, "_stderr_is_tty", lambda: False)
+    with common.progress_bar(ctx, 10, "x") as bar:
         assert bar is None
-    monkeypatch.setattr(cli, "_stderr_is_tty", lambda: True)
-    with cli.progress_bar(ctx, 10, "x") as bar:
+    monkeypatch.setattr(common, "_stderr_is_tty", lambda: True)
+    with common.progress_bar(ctx, 10, "x") as bar:
         assert callable(bar)
         bar(10)
     ctx.params = {"as_json": True}
-    with cli.progress_bar(ctx, 10, "x") as bar:
+    with common.progress_bar(ctx, 10, "x") as bar:
         assert bar is None
 
 

@@ -11,7 +11,7 @@ import textwrap
 SCRIPT = textwrap.dedent(
     """
     import json, threading, time
-    from castore.torch.demo_model import ThreadCpu
+    from castore.bench.demo_model import ThreadCpu
 
     def spin(seconds):
         end = time.thread_time() + seconds

@@ -26,7 +26,7 @@ def parse_model_args(model: str, mode: str, **extra: tuple[type, object]) -> arg
 
 def demo_argv(args: argparse.Namespace, *flags: str) -> list[str]:
     """The command of one demo_model process of the chosen model."""
-    return [sys.executable, "-m", "castore.torch.demo_model", "--model", args.model, "--mode", args.mode, "--device", args.device, *flags]
+    return [sys.executable, "-m", "castore.bench.demo_model", "--model", args.model, "--mode", args.mode, "--device", args.device, *flags]
 
 
 def run_demo(name: str, argv: list[str], env: dict[str, str], timeout: float = 900) -> tuple[dict[str, Any] | None, str]:

@@ -1,4 +1,4 @@
-"""Run castore.torch.demo_model with PyTorch's autotuning entry points traced (GPU diagnosis).
+"""Run castore.bench.demo_model with PyTorch's autotuning entry points traced (GPU diagnosis).
 
     python benchmarks/diag/autotune_trace.py --trace-out trace.jsonl -- --model gpt2 --mode train --device cuda
 
@@ -78,7 +78,7 @@ def main() -> None:
     out = argv[argv.index("--trace-out") + 1]
     rest = argv[argv.index("--") + 1:]
     install(out)
-    from castore.torch import demo_model
+    from castore.bench import demo_model
 
     demo_model.main(rest)
 

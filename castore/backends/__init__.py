@@ -6,7 +6,7 @@ import os
 from typing import Any
 from urllib.parse import urlsplit
 
-from castore.backends.base import Backend, ReadOnlyBackend
+from castore.backends.base import Backend, ObjectInfo, ReadOnlyBackend
 from castore.errors import ConfigError
 
 SCHEMES = ("file", "memory", "s3")
@@ -37,4 +37,4 @@ def open_backend(url: str, **options: Any) -> Backend:
     raise ConfigError(f"unsupported store URL {url!r}: expected one of {', '.join(s + '://' for s in SCHEMES)}")
 
 
-__all__ = ["Backend", "ReadOnlyBackend", "open_backend"]
+__all__ = ["Backend", "ObjectInfo", "ReadOnlyBackend", "open_backend"]

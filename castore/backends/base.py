@@ -8,8 +8,19 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 from castore.errors import ReadOnlyError
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    """What a HEAD tells of a stored object, without its bytes."""
+
+    size: int
+    #: The MD5 hex digest of the object's bytes when the backend knows it (an S3 ETag of a single-part upload
+    #: without SSE-KMS, or computed by a local backend); None when it does not.
+    md5: str | None = None
 
 
 class Backend(ABC):
@@ -28,6 +39,16 @@ class Backend(ABC):
 
     @abstractmethod
     def exists(self, path: str) -> bool: ...
+
+    def head(self, path: str) -> ObjectInfo | None:
+        """Size (and MD5 where known) of the object, or None when it does not exist. Backends that can answer
+        without reading the object override this; the default reads it."""
+        data = self.get(path)
+        if data is None:
+            return None
+        import hashlib
+
+        return ObjectInfo(len(data), hashlib.md5(data, usedforsecurity=False).hexdigest())
 
     @abstractmethod
     def delete(self, path: str) -> None:
@@ -63,6 +84,9 @@ class ReadOnlyBackend(Backend):
 
     def exists(self, path: str) -> bool:
         return self.inner.exists(path)
+
+    def head(self, path: str) -> ObjectInfo | None:
+        return self.inner.head(path)
 
     def delete(self, path: str) -> None:
         raise ReadOnlyError(f"{self.url} is read-only")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 
-from castore.backends.base import Backend
+from castore.backends.base import Backend, ObjectInfo
 from castore.errors import BackendError
 from castore.fsutil import read_file, write_atomic
 
@@ -38,6 +38,15 @@ class FileBackend(Backend):
 
     def exists(self, path: str) -> bool:
         return os.path.isfile(self._path(path))
+
+    def head(self, path: str) -> ObjectInfo | None:
+        try:
+            size = os.stat(self._path(path)).st_size
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+        except OSError as exc:
+            raise BackendError(f"{self.url}: stat {path}: {exc}") from exc
+        return ObjectInfo(size)  # no MD5: a local read is cheap, the store verifies by reading when it must
 
     def delete(self, path: str) -> None:
         try:

@@ -31,7 +31,7 @@ from urllib.parse import parse_qs, urlsplit
 import urllib3
 
 from castore.backends import sigv4
-from castore.backends.base import Backend
+from castore.backends.base import Backend, ObjectInfo
 from castore.errors import BackendError, BackendUnavailable, ConfigError
 
 USER_AGENT = "castore/0.1 (S3 SigV4; urllib3)"
@@ -331,6 +331,16 @@ class S3Backend(Backend):
         if response.status == 404:
             return False
         raise S3RequestError(f"{self.url}: HEAD {path}", response)
+
+    def head(self, path: str) -> ObjectInfo | None:
+        response = self._send("HEAD", self._key(path))
+        if response.status == 404:
+            return None
+        if response.status >= 300:
+            raise S3RequestError(f"{self.url}: HEAD {path}", response)
+        etag = response.headers.get("etag", "").strip('"')
+        md5 = etag if len(etag) == 32 and all(c in "0123456789abcdef" for c in etag) else None
+        return ObjectInfo(int(response.headers.get("content-length") or 0), md5)
 
     def delete(self, path: str) -> None:
         response = self._send("DELETE", self._key(path))

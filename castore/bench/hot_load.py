@@ -1,6 +1,6 @@
 """Hot-load benchmark (issue 4): how long a fresh process takes to its first compiled output, per cache strategy.
 
-Every measurement is a separate ``python -m castore.torch.demo_model`` process with its own directories, run
+Every measurement is a separate ``python -m castore.bench.demo_model`` process with its own directories, run
 under a timeout; a failure is recorded, never fatal. Modes:
 
 ==================  ========================================================================================
@@ -22,7 +22,7 @@ on 127.0.0.1 and installs nothing. ::
     python benchmarks/hot_load.py                      # defaults for this machine (CPU or GPU)
     castore bench --models gpt2:infer,gpt2:train --repeats 5 --dedup
     castore bench --quick --models mlp:infer --out /tmp/b
-    castore bench --models my_model.py:make_model:train      # your own model (castore.torch.demo_model)
+    castore bench --models my_model.py:make_model:train      # your own model (castore.bench.demo_model)
 """
 
 from __future__ import annotations
@@ -100,7 +100,7 @@ PHASES = ("infer", "train")
 
 def split_model_spec(spec: str) -> tuple[str, str]:
     """(model, phase) of ``model[:phase]``, where model is a built-in name or your own FILE.py:FUNCTION or
-    MODULE:FUNCTION (see castore.torch.demo_model); the phase defaults to infer."""
+    MODULE:FUNCTION (see castore.bench.demo_model); the phase defaults to infer."""
     model, sep, phase = spec.strip().rpartition(":")
     if sep and phase in PHASES:
         return model, phase
@@ -109,7 +109,7 @@ def split_model_spec(spec: str) -> tuple[str, str]:
 
 def resolve_model_spec(spec: str) -> str:
     """``model:phase`` with the phase spelled out and a FILE.py made absolute (the processes run elsewhere)."""
-    from castore.torch.demo_model import factory_file
+    from castore.bench.demo_model import factory_file
 
     model, phase = split_model_spec(spec)
     target = factory_file(model)
@@ -249,7 +249,7 @@ def run_process(python: str, args: list[str], env: dict[str, str], timeout: floa
     start = time.time()
     try:
         proc = subprocess.Popen(
-            [python, "-m", "castore.torch.demo_model", *args], env=env, cwd=cwd, stdin=subprocess.DEVNULL,
+            [python, "-m", "castore.bench.demo_model", *args], env=env, cwd=cwd, stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
         )
     except OSError as exc:
@@ -402,7 +402,7 @@ class HotLoadBench:
 
     # -- one model
     def bench_model(self, spec: str, modes: list[str]) -> None:
-        from castore.torch.demo_model import is_factory
+        from castore.bench.demo_model import is_factory
 
         model, phase = split_model_spec(spec)
         # --fast-exit: the measurement ends at the first output; the GPU machine spent 10 s more per process in

@@ -1,8 +1,8 @@
 """One timed torch.compile run, as a separate process would see it. Used by `castore demo` and the benchmarks.
 
-    python -m castore.torch.demo_model --model transformer --mode train [--castore]
-    python -m castore.torch.demo_model --model gpt2 --mode infer --device cuda --save-megacache bundle.bin
-    python -m castore.torch.demo_model --model my_model.py:make_model --mode train     # your own model
+    python -m castore.bench.demo_model --model transformer --mode train [--castore]
+    python -m castore.bench.demo_model --model gpt2 --mode infer --device cuda --save-megacache bundle.bin
+    python -m castore.bench.demo_model --model my_model.py:make_model --mode train     # your own model
 
 A model of your own is named ``FILE.py:FUNCTION`` or ``MODULE:FUNCTION``: FUNCTION() (or FUNCTION(device=...)
 where it takes a ``device``) returns ``(module, example)``, example being the input tensor or a tuple of the

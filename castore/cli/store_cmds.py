@@ -1,231 +1,28 @@
-"""The ``castore`` command line.
-
-Every command is attached to the :data:`main` group. Other modules add theirs the same way::
-
-    from castore.cli import main, open_cli_store, emit
-
-    @click.command("stats")
-    @click.pass_context
-    def stats(ctx): ...
-
-    main.add_command(stats)
-
-Errors derived from :class:`castore.errors.CastoreError` raised inside any command (added here or
-elsewhere) are turned into one line on stderr and the documented exit code by :class:`CastoreGroup`.
-"""
+"""Commands on the store itself: put, get, ls, stat, rm, verify, du, config."""
 
 from __future__ import annotations
 
 import datetime as _dt
-import json
-import logging
 import os
-import sys
 from collections import Counter
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from typing import Any
 
 import click
 
-from castore.errors import (
-    BackendError,
-    CastoreError,
-    ConfigError,
-    FormatError,
-    InvalidKeyError,
-    KeyExistsError,
-    ReadOnlyError,
+from castore.cli.common import (
+    EXIT_VERIFY,
+    Miss,
+    VerificationFailed,
+    _binary_stream,
+    cli_config,
+    emit,
+    human_size,
+    json_mode,
+    json_option,
+    open_cli_store,
+    progress_bar,
 )
-
-# Exit codes (documented in the --help epilog; scripts rely on them).
-EXIT_OK = 0
-EXIT_MISS = 1
-EXIT_USAGE = 2
-EXIT_VERIFY = 3
-EXIT_BACKEND = 4
-EXIT_READ_ONLY = 5
-
-EPILOG = """\b
-Exit codes:
-  0  success
-  1  miss: the key (or namespace) does not exist (get, stat, rm, verify KEY)
-  2  usage error or bad input (invalid key or namespace, bad configuration, unreadable path)
-  3  verification failed: verify found bad chunks, or stored data is corrupt
-  4  backend error (network, permissions, server error)
-  5  the store is read-only and the command writes
-
-\b
-Configuration comes from options, then CASTORE_* environment variables, then ./castore.toml,
-./pyproject.toml [tool.castore], $XDG_CONFIG_HOME/castore/config.toml; `castore config` shows
-the effective values and where each came from.
-"""
-
-log = logging.getLogger("castore.cli")
-
-
-class Miss(CastoreError):
-    """The requested key does not exist (exit code 1)."""
-
-
-class VerificationFailed(CastoreError):
-    """verify found problems (exit code 3)."""
-
-
-def exit_code_for(exc: BaseException) -> int:
-    if isinstance(exc, Miss):
-        return EXIT_MISS
-    if isinstance(exc, ReadOnlyError):
-        return EXIT_READ_ONLY
-    if isinstance(exc, BackendError):
-        return EXIT_BACKEND
-    if isinstance(exc, (VerificationFailed, FormatError)):
-        return EXIT_VERIFY
-    if isinstance(exc, (InvalidKeyError, ConfigError, KeyExistsError, OSError)):
-        return EXIT_USAGE
-    return EXIT_MISS if isinstance(exc, CastoreError) else EXIT_USAGE
-
-
-class CastoreGroup(click.Group):
-    """A click group that maps castore's errors, in every subcommand, to one stderr line and an exit code."""
-
-    def invoke(self, ctx: click.Context) -> Any:
-        try:
-            return super().invoke(ctx)
-        except (CastoreError, OSError) as exc:
-            verbose = bool(ctx.obj and ctx.obj.get("verbose"))
-            if verbose:
-                import traceback
-
-                traceback.print_exception(exc, file=sys.stderr)
-            message = str(exc) or type(exc).__name__
-            if isinstance(exc, OSError) and exc.filename is not None and str(exc.filename) not in message:
-                message = f"{exc.filename}: {message}"
-            click.echo(f"castore: error: {message}", err=True)
-            ctx.exit(exit_code_for(exc))
-
-
-# -- helpers other command modules can use --------------------------------------------------------------
-def _state(ctx: click.Context) -> dict[str, Any]:
-    root = ctx.find_root()
-    if root.obj is None:
-        root.obj = {}
-    return root.obj
-
-
-def cli_config(ctx: click.Context) -> Any:
-    """The effective Config for this invocation (global options > environment > files > defaults)."""
-    from castore.config import load_config
-
-    state = _state(ctx)
-    if "config" not in state:
-        state["config"] = load_config(state.get("overrides") or {})
-    return state["config"]
-
-
-def open_cli_store(ctx: click.Context) -> Any:
-    """Open (once per invocation) the store the global options and configuration name; closed on exit."""
-    state = _state(ctx)
-    if "store" not in state:
-        from castore import open_store
-
-        store = open_store(config=cli_config(ctx))
-        state["store"] = store
-        ctx.find_root().call_on_close(store.close)
-    return state["store"]
-
-
-def json_mode(ctx: click.Context) -> bool:
-    return bool(ctx.params.get("as_json")) or bool(_state(ctx).get("json"))
-
-
-def emit(ctx: click.Context, data: Any, render: Callable[[Any], str] | None = None) -> None:
-    """Print data as JSON (with --json) or as text (render(data), default: str)."""
-    if json_mode(ctx):
-        click.echo(json.dumps(data, indent=2, sort_keys=True, default=str))
-    else:
-        text = render(data) if render else str(data)
-        if text:
-            click.echo(text)
-
-
-@contextmanager
-def progress_bar(ctx: click.Context, total: int | None, desc: str) -> Iterator[Callable[[int], None] | None]:
-    """A tqdm bar on stderr that appears only if the transfer lasts more than a second.
-
-    Yields None (no bar) under --json or when stderr is not a terminal.
-    """
-    if json_mode(ctx) or not _stderr_is_tty():
-        yield None
-        return
-    from tqdm import tqdm
-
-    bar = tqdm(total=total, desc=desc, unit="B", unit_scale=True, unit_divisor=1024, delay=1.0, file=sys.stderr, leave=False)
-    try:
-        yield bar.update
-    finally:
-        bar.close()
-
-
-def _binary_stream(name: str) -> Any:
-    """The binary side of sys.stdin / sys.stdout (whatever they are now: test runners swap them)."""
-    stream = getattr(sys, name)
-    return getattr(stream, "buffer", stream)
-
-
-def _stderr_is_tty() -> bool:
-    try:
-        return sys.stderr.isatty()
-    except (AttributeError, ValueError):
-        return False
-
-
-def human_size(n: int | float) -> str:
-    value = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(value) < 1024 or unit == "TiB":
-            return f"{int(value)} B" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    return f"{n} B"  # pragma: no cover
-
-
-json_option = click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON on stdout.")
-
-
-class _LogHandler(logging.StreamHandler):
-    """castore's log lines go to whatever sys.stderr is when they are emitted (test runners swap it)."""
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.stream = sys.stderr
-        super().emit(record)
-
-
-def _setup_logging(verbose: int) -> None:
-    logger = logging.getLogger("castore")
-    for handler in list(logger.handlers):
-        if isinstance(handler, _LogHandler):
-            logger.removeHandler(handler)
-    handler = _LogHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("castore: %(levelname)s: %(message)s"))
-    logger.addHandler(handler)
-    logger.setLevel(logging.DEBUG if verbose else logging.WARNING)
-
-
-# -- the group ------------------------------------------------------------------------------------------
-@click.group(cls=CastoreGroup, epilog=EPILOG, context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--url", metavar="URL", help="Store URL: file:///path, s3://bucket/prefix?endpoint=..., memory://name.")
-@click.option("--cache-dir", metavar="DIR", help="Directory of the node-local read-through layer.")
-@click.option("--read-only", is_flag=True, default=None, help="Refuse every write.")
-@click.option("-v", "--verbose", count=True, help="Log what castore does (and show tracebacks).")
-@click.version_option(package_name="castore", prog_name="castore")
-@click.pass_context
-def main(ctx: click.Context, url: str | None, cache_dir: str | None, read_only: bool | None, verbose: int) -> None:
-    """castore: a content-addressed store for torch.compile artifacts on S3-compatible storage."""
-    _setup_logging(verbose)
-    state = _state(ctx)
-    state["verbose"] = verbose
-    state["overrides"] = {"url": url, "cache_dir": cache_dir, "read_only": read_only}
-
+from castore.errors import FormatError
 
 # -- put / get --------------------------------------------------------------------------------------------
 def _parse_meta(_ctx: click.Context, _param: click.Parameter, values: tuple[str, ...]) -> dict[str, str]:
@@ -254,7 +51,7 @@ def _put_summary(result: Any) -> dict[str, Any]:
     }
 
 
-@main.command()
+@click.command()
 @click.argument("namespace")
 @click.argument("key")
 @click.argument("path", type=click.Path(exists=True, allow_dash=True, path_type=str))
@@ -298,7 +95,7 @@ def put(ctx: click.Context, namespace: str, key: str, path: str, force: bool, me
     emit(ctx, summary, render)
 
 
-@main.command()
+@click.command()
 @click.argument("namespace")
 @click.argument("key")
 @click.argument("dest", required=False, type=click.Path(allow_dash=True, path_type=str))
@@ -385,7 +182,7 @@ def manifest_summary(m: Any) -> dict[str, Any]:
     return out
 
 
-@main.command("ls")
+@click.command("ls")
 @click.argument("namespace", required=False)
 @click.option("-l", "--long", "long_", is_flag=True, help="Also show kind, size and creation time (reads each manifest).")
 @json_option
@@ -421,7 +218,7 @@ def ls(ctx: click.Context, namespace: str | None, long_: bool, as_json: bool) ->
     emit(ctx, rows, render)
 
 
-@main.command("stat")
+@click.command("stat")
 @click.argument("namespace")
 @click.argument("key")
 @json_option
@@ -454,7 +251,7 @@ def stat_cmd(ctx: click.Context, namespace: str, key: str, as_json: bool) -> Non
     emit(ctx, manifest_summary(manifest), render)
 
 
-@main.command("rm")
+@click.command("rm")
 @click.argument("namespace")
 @click.argument("key")
 @json_option
@@ -467,7 +264,7 @@ def rm(ctx: click.Context, namespace: str, key: str, as_json: bool) -> None:
     emit(ctx, {"namespace": namespace, "key": key, "deleted": True}, lambda s: f"removed {namespace}/{key}")
 
 
-@main.command()
+@click.command()
 @click.argument("namespace", required=False)
 @click.argument("key", required=False)
 @json_option
@@ -499,7 +296,7 @@ def verify(ctx: click.Context, namespace: str | None, key: str | None, as_json: 
         ctx.exit(EXIT_VERIFY)
 
 
-@main.command()
+@click.command()
 @click.argument("namespace", required=False)
 @json_option
 @click.pass_context
@@ -533,7 +330,7 @@ def du(ctx: click.Context, namespace: str | None, as_json: bool) -> None:
     emit(ctx, data, render)
 
 
-@main.command("config")
+@click.command("config")
 @json_option
 @click.pass_context
 def config_cmd(ctx: click.Context, as_json: bool) -> None:
@@ -547,9 +344,5 @@ def config_cmd(ctx: click.Context, as_json: bool) -> None:
     emit(ctx, rows, lambda rs: "\n".join(f"{r['name']:<{width}}  {r['value']!s:<40}  ({r['source']})" for r in rs))
 
 
-# torch.compile commands (run, stats, demo) live in their own module and attach themselves to `main`.
-import castore.cli_torch  # noqa: E402,F401
-import castore.cli_bench  # noqa: E402,F401
 
-if __name__ == "__main__":  # pragma: no cover
-    main(prog_name="castore")
+COMMANDS = [put, get, ls, stat_cmd, rm, verify, du, config_cmd]

@@ -7,10 +7,9 @@ from __future__ import annotations
 
 import click
 
-from castore.cli import main
 
 
-@main.command(
+@click.command(
     "bench",
     add_help_option=False,
     context_settings={"ignore_unknown_options": True, "allow_extra_args": True, "allow_interspersed_args": False},
@@ -24,3 +23,6 @@ def bench(args: tuple[str, ...]) -> None:
     from castore.bench.hot_load import main as run_bench
 
     raise SystemExit(run_bench(list(args)))
+
+
+COMMANDS = [bench]

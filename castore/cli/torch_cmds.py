@@ -17,11 +17,11 @@ from typing import Any
 
 import click
 
-from castore.cli import cli_config, emit, json_option, main
+from castore.cli.common import cli_config, emit, json_option
 from castore.torch import job_environment
 
 
-@main.command("run", context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False})
+@click.command("run", context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False})
 @click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
 @click.pass_context
 def run(ctx: click.Context, command: tuple[str, ...]) -> None:
@@ -77,7 +77,7 @@ def _mb(n: float) -> str:
     return f"{n / 1e6:.1f} MB"
 
 
-@main.command("stats")
+@click.command("stats")
 @click.option("--reset", is_flag=True, help="Forget the recorded counters.")
 @json_option
 @click.pass_context
@@ -93,7 +93,7 @@ def stats(ctx: click.Context, reset: bool, as_json: bool) -> None:
 
 def _run_demo_process(args: list[str], env: dict[str, str]) -> dict[str, Any]:
     start = time.time()
-    proc = subprocess.run([sys.executable, "-m", "castore.torch.demo_model", *args], env=env, capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, "-m", "castore.bench.demo_model", *args], env=env, capture_output=True, text=True)
     wall = time.time() - start
     if proc.returncode != 0:
         raise click.ClickException(f"demo process failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
@@ -112,7 +112,7 @@ def fresh_machine_env(base: dict[str, str], root: str) -> dict[str, str]:
     return env
 
 
-@main.command("demo")
+@click.command("demo")
 @click.option("--model", default="transformer", type=click.Choice(["transformer", "cnn", "mlp"]), show_default=True)
 @click.option("--mode", default="train", type=click.Choice(["train", "infer"]), show_default=True)
 @json_option
@@ -179,3 +179,6 @@ def _render_demo(d: dict[str, Any]) -> str:
             f"  castore hits by cache: {hits or 'none'}",
         ]
     )
+
+
+COMMANDS = [run, stats, demo]
