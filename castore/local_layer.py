@@ -133,6 +133,9 @@ class LocalLayer(Backend):
     def list(self, prefix: str) -> Iterator[tuple[str, int]]:
         return self.inner.list(prefix)
 
+    def scan(self, prefix: str) -> Iterator[tuple[str, ObjectInfo]]:
+        return self.inner.scan(prefix)
+
     def close(self) -> None:
         self.inner.close()
 

@@ -21,6 +21,8 @@ class ObjectInfo:
     #: The MD5 hex digest of the object's bytes when the backend knows it (an S3 ETag of a single-part upload
     #: without SSE-KMS, or computed by a local backend); None when it does not.
     md5: str | None = None
+    #: Last modification, Unix seconds, when the backend knows it (garbage collection's grace period).
+    modified: float | None = None
 
 
 class Backend(ABC):
@@ -58,6 +60,11 @@ class Backend(ABC):
     def list(self, prefix: str) -> Iterator[tuple[str, int]]:
         """(path, size) of every object whose path starts with prefix."""
 
+    def scan(self, prefix: str) -> Iterator[tuple[str, ObjectInfo]]:
+        """Like list(), with what the listing tells of each object (size, modification time where known)."""
+        for path, size in self.list(prefix):
+            yield path, ObjectInfo(size)
+
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release connections and threads."""
 
@@ -93,6 +100,9 @@ class ReadOnlyBackend(Backend):
 
     def list(self, prefix: str) -> Iterator[tuple[str, int]]:
         return self.inner.list(prefix)
+
+    def scan(self, prefix: str) -> Iterator[tuple[str, ObjectInfo]]:
+        return self.inner.scan(prefix)
 
     def close(self) -> None:
         self.inner.close()

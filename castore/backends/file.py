@@ -41,12 +41,12 @@ class FileBackend(Backend):
 
     def head(self, path: str) -> ObjectInfo | None:
         try:
-            size = os.stat(self._path(path)).st_size
+            st = os.stat(self._path(path))
         except (FileNotFoundError, NotADirectoryError):
             return None
         except OSError as exc:
             raise BackendError(f"{self.url}: stat {path}: {exc}") from exc
-        return ObjectInfo(size)  # no MD5: a local read is cheap, the store verifies by reading when it must
+        return ObjectInfo(st.st_size, None, st.st_mtime)  # no MD5: the store verifies by reading when it must
 
     def delete(self, path: str) -> None:
         try:
@@ -57,6 +57,10 @@ class FileBackend(Backend):
             raise BackendError(f"{self.url}: deleting {path}: {exc}") from exc
 
     def list(self, prefix: str) -> Iterator[tuple[str, int]]:
+        for path, info in self.scan(prefix):
+            yield path, info.size
+
+    def scan(self, prefix: str) -> Iterator[tuple[str, ObjectInfo]]:
         # Walk only the deepest directory the prefix names, then filter by the rest.
         head, _, _ = prefix.rpartition("/")
         base = self._path(head) if head else self.root
@@ -71,6 +75,7 @@ class FileBackend(Backend):
                 rel = os.path.relpath(full, self.root).replace(os.sep, "/")
                 if rel.startswith(prefix):
                     try:
-                        yield rel, os.path.getsize(full)
+                        st = os.stat(full)
                     except FileNotFoundError:
                         continue
+                    yield rel, ObjectInfo(st.st_size, None, st.st_mtime)

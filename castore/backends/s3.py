@@ -17,6 +17,8 @@ time a fresh machine spent competing with its own compile (README, 'Configuratio
 
 from __future__ import annotations
 
+import datetime
+import email.utils
 import functools
 import hashlib
 import os
@@ -339,8 +341,9 @@ class S3Backend(Backend):
         if response.status >= 300:
             raise S3RequestError(f"{self.url}: HEAD {path}", response)
         etag = response.headers.get("etag", "").strip('"')
-        md5 = etag if len(etag) == 32 and all(c in "0123456789abcdef" for c in etag) else None
-        return ObjectInfo(int(response.headers.get("content-length") or 0), md5)
+        modified = response.headers.get("last-modified")
+        when = email.utils.parsedate_to_datetime(modified).timestamp() if modified else None
+        return ObjectInfo(int(response.headers.get("content-length") or 0), etag if _is_md5(etag) else None, when)
 
     def delete(self, path: str) -> None:
         response = self._send("DELETE", self._key(path))
@@ -348,6 +351,10 @@ class S3Backend(Backend):
             raise S3RequestError(f"{self.url}: DELETE {path}", response)
 
     def list(self, prefix: str) -> Iterator[tuple[str, int]]:
+        for path, info in self.scan(prefix):
+            yield path, info.size
+
+    def scan(self, prefix: str) -> Iterator[tuple[str, ObjectInfo]]:
         strip = len(self.location.prefix)
         query = {"list-type": "2", "prefix": self._key(prefix), "max-keys": str(self.list_page_size)}
         while True:
@@ -361,7 +368,10 @@ class S3Backend(Backend):
             for item in root:
                 if _local(item.tag) == "Contents":
                     fields = {_local(child.tag): child.text or "" for child in item}
-                    yield fields["Key"][strip:], int(fields.get("Size") or 0)
+                    etag = fields.get("ETag", "").strip('"')
+                    yield fields["Key"][strip:], ObjectInfo(
+                        int(fields.get("Size") or 0), etag if _is_md5(etag) else None, _iso_seconds(fields.get("LastModified"))
+                    )
             fields = {_local(child.tag): child.text or "" for child in root}
             token = fields.get("NextContinuationToken")
             if fields.get("IsTruncated") != "true" or not token:
@@ -370,6 +380,19 @@ class S3Backend(Backend):
 
     def close(self) -> None:
         self._pool.clear()
+
+
+def _is_md5(etag: str) -> bool:
+    return len(etag) == 32 and all(c in "0123456789abcdef" for c in etag)
+
+
+def _iso_seconds(text: str | None) -> float | None:
+    if not text:
+        return None
+    try:
+        return datetime.datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
+    except ValueError:
+        return None
 
 
 def _local(tag: str) -> str:
