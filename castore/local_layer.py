@@ -107,6 +107,10 @@ class LocalLayer(Backend):
                 self._count(hit=False, nbytes=len(data))
         return data
 
+    def get_range(self, path: str, start: int, end: int) -> bytes | None:
+        # Ranges of large objects (packs) pass through: the layer holds whole objects only.
+        return self.inner.get_range(path, start, end)
+
     def holds(self, path: str) -> bool:
         """Whether this node already holds the object (no request to the inner backend)."""
         return os.path.isfile(self.local_path(path))

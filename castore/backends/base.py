@@ -35,6 +35,12 @@ class Backend(ABC):
     def get(self, path: str) -> bytes | None:
         """The object's bytes, or None when it does not exist."""
 
+    def get_range(self, path: str, start: int, end: int) -> bytes | None:
+        """Bytes [start, end) of the object (fewer when it is shorter), or None when it does not exist. Backends
+        that can read part of an object (an S3 ranged GET, a file seek) override this; the default reads it all."""
+        data = self.get(path)
+        return None if data is None else data[start:end]
+
     @abstractmethod
     def put(self, path: str, data: bytes, *, if_absent: bool = False) -> bool:
         """Write the object. With if_absent, write only if nothing is there; return False if something was."""
@@ -85,6 +91,9 @@ class ReadOnlyBackend(Backend):
 
     def get(self, path: str) -> bytes | None:
         return self.inner.get(path)
+
+    def get_range(self, path: str, start: int, end: int) -> bytes | None:
+        return self.inner.get_range(path, start, end)
 
     def put(self, path: str, data: bytes, *, if_absent: bool = False) -> bool:
         raise ReadOnlyError(f"{self.url} is read-only")

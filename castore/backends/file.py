@@ -30,6 +30,16 @@ class FileBackend(Backend):
         except OSError as exc:
             raise BackendError(f"{self.url}: reading {path}: {exc}") from exc
 
+    def get_range(self, path: str, start: int, end: int) -> bytes | None:
+        try:
+            with open(self._path(path), "rb") as f:
+                f.seek(start)
+                return f.read(max(0, end - start))
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+        except OSError as exc:
+            raise BackendError(f"{self.url}: reading {path}: {exc}") from exc
+
     def put(self, path: str, data: bytes, *, if_absent: bool = False) -> bool:
         try:
             return write_atomic(self._path(path), data, if_absent=if_absent)

@@ -317,6 +317,18 @@ class S3Backend(Backend):
             return None
         raise S3RequestError(f"{self.url}: GET {path}", response)
 
+    def get_range(self, path: str, start: int, end: int) -> bytes | None:
+        if end <= start:
+            return b""
+        response = self._send("GET", self._key(path), headers={"Range": f"bytes={start}-{end - 1}"})
+        if response.status < 300:
+            return response.body[: end - start]
+        if response.status == 416:
+            return b""
+        if response.status == 404 and response.code in ("NoSuchKey", "404"):
+            return None
+        raise S3RequestError(f"{self.url}: GET {path} (range)", response)
+
     def put(self, path: str, data: bytes, *, if_absent: bool = False) -> bool:
         headers = {"If-None-Match": "*"} if if_absent else {}
         response = self._send("PUT", self._key(path), body=bytes(data), headers=headers)

@@ -92,6 +92,9 @@ class SeaweedFS:
     ) -> None:
         self.access_key = access_key
         self.secret_key = secret_key
+        # A second identity that may read and list but never write: a fleet machine's credentials.
+        self.reader_access_key = access_key + "-reader"
+        self.reader_secret_key = secret_key + "-reader"
         self.region = region
         self.start_timeout = start_timeout
         self.volume_size_mb = volume_size_mb
@@ -138,7 +141,12 @@ class SeaweedFS:
                             "name": "castore",
                             "credentials": [{"accessKey": self.access_key, "secretKey": self.secret_key}],
                             "actions": ["Admin", "Read", "List", "Tagging", "Write"],
-                        }
+                        },
+                        {
+                            "name": "castore-reader",
+                            "credentials": [{"accessKey": self.reader_access_key, "secretKey": self.reader_secret_key}],
+                            "actions": ["Read", "List"],
+                        },
                     ]
                 },
                 f,
@@ -248,11 +256,12 @@ class SeaweedFS:
             return ""
 
     # -- clients ---------------------------------------------------------------------------------
-    def env(self) -> dict[str, str]:
-        """AWS_* variables that point boto3 (in this or a child process) at this server."""
+    def env(self, *, read_only: bool = False) -> dict[str, str]:
+        """AWS_* variables that point boto3 (in this or a child process) at this server; with read_only, as the
+        identity that may read and list but not write."""
         return {
-            "AWS_ACCESS_KEY_ID": self.access_key,
-            "AWS_SECRET_ACCESS_KEY": self.secret_key,
+            "AWS_ACCESS_KEY_ID": self.reader_access_key if read_only else self.access_key,
+            "AWS_SECRET_ACCESS_KEY": self.reader_secret_key if read_only else self.secret_key,
             "AWS_DEFAULT_REGION": self.region,
             "AWS_REGION": self.region,
             "AWS_ENDPOINT_URL_S3": self.endpoint,
