@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> None:
         "--fast-exit",
         action="store_true",
         help="after the result line (and castore's writes), leave without the interpreter's teardown (benchmarks: "
-        "on the GPU machine the teardown of CUDA and the compile workers took 10 s a process, after the measurement)",
+        "the teardown of CUDA and of the compile workers can take seconds, after the measurement)",
     )
     args = parser.parse_args(argv)
     if args.model not in MODELS and not is_factory(args.model):
