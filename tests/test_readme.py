@@ -88,3 +88,31 @@ def test_install_is_said_to_do_as_many_things_as_it_lists() -> None:
     assert said, "the list of what install() does"
     count = {"two": 2, "three": 3, "four": 4, "five": 5, "six": 6}[said.group(1)]
     assert count == len(re.findall(r"^- ", said.group(2), re.M))
+
+
+def test_the_benchmarks_page_tables_agree_with_the_committed_json() -> None:
+    """docs/BENCHMARKS.md's full hot-load and throughput tables, cell by cell, against the JSON each section links."""
+    page = (REPO / "docs" / "BENCHMARKS.md").read_text()
+    checked = 0
+    for title in ("Hot load on CPU", "Hot load on GPU", "Store throughput"):
+        text = page[page.index(f"\n## {title}") :]
+        text = text[: text.find("\n## ", 1)]
+        source = re.search(r"\[JSON\]\(\.\./(benchmarks/results/[\w./-]+\.json)\)", text)
+        assert source, title
+        report = json.loads((REPO / source.group(1)).read_text())
+        header, rows = table_rows(text)
+        for cells in rows:
+            if "throughput" in report:
+                size, kind = re.fullmatch(r"(\d+) MiB (\w+)", cells[0]).groups()
+                item = next(t for t in report["throughput"] if t["size_mib"] == int(size) and t["kind"] == kind)
+                want = [f"{item[k]:.0f}" for k in ("castore_get_mbps", "boto3_get_mbps")] + [f"{item['get_ratio']:.2f}"]
+                want += [f"{item[k]:.0f}" for k in ("castore_put_mbps", "boto3_put_mbps")] + [f"{item['put_ratio']:.2f}"]
+            else:
+                row = next(r for r in report["summary"] if r["model"] == cells[0] and r["mode"] == cells[1])
+                s = row["first_output_s"]
+                want = [cells[0], cells[1], f"{row['ok']}/{row['runs']}", f"{s['median']:.2f} ({s['min']:.2f}–{s['max']:.2f})",
+                        f"{row['first_output_over_warm_local']:.2f}", f"{row['first_output_paired_over_warm_local']['median']:.2f}",
+                        f"{row['first_output_over_cold']:.2f}"]  # fmt: skip
+            assert cells[-len(want) :] == want, (title, cells)
+            checked += 1
+    assert checked >= 30
