@@ -165,6 +165,10 @@ def test_no_import_circle_among_castore_modules() -> None:
     [
         ("castore.format", ["castore.backends", "castore.torch", "castore.cli", "castore.bench", "castore.store"]),
         ("castore.backends", ["castore.torch", "castore.cli", "castore.bench", "castore.store"]),
+        ("castore.errors", ["castore.format", "castore.backends", "castore.store", "castore.torch", "castore.cli", "castore.bench"]),
+        ("castore.config", ["castore.backends", "castore.store", "castore.torch", "castore.cli", "castore.bench"]),
+        ("castore.local_layer", ["castore.store", "castore.torch", "castore.cli", "castore.bench"]),
+        ("castore.store", ["castore.torch", "castore.cli", "castore.bench"]),
         ("castore.torch", ["castore.cli", "castore.bench", "castore.backends.s3"]),
         ("castore.bench", ["castore.cli"]),
     ],
