@@ -7,10 +7,8 @@ from __future__ import annotations
 
 from typing import Any
 
-__version__ = "0.1.0"
-
-from castore.config import Config, load_config  # noqa: E402
-from castore.errors import (  # noqa: E402
+from castore.config import Config, load_config
+from castore.errors import (
     BackendError,
     BackendUnavailable,
     CastoreError,
@@ -22,7 +20,8 @@ from castore.errors import (  # noqa: E402
     ReadOnlyError,
     UnsupportedFormatVersion,
 )
-from castore.store import PutResult, Store  # noqa: E402
+from castore.store import PutResult, Store
+from castore.version import __version__
 
 
 def open_store(url: str | None = None, *, config: Config | None = None, **overrides: Any) -> Store:

@@ -13,7 +13,6 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from castore import __version__
 from castore.backends.base import Backend
 from castore.errors import CorruptChunkError, FormatError, ReadOnlyError
 from castore.format import chunking, keys
@@ -21,6 +20,7 @@ from castore.format import codec as codecs
 from castore.format.manifest import INLINE_THRESHOLD, ChunkRef, Manifest, TreeEntry
 from castore.format.tree import safe_relpath, scan_tree
 from castore.local_layer import LocalLayer
+from castore.version import __version__
 
 log = logging.getLogger(__name__)
 

@@ -1,4 +1,4 @@
-"""Smoke test of the hot-load benchmark (issue 4): `castore bench --quick` with a tiny model, end to end.
+"""Smoke test of the hot-load benchmark: `castore bench --quick` with a tiny model, end to end.
 
 Runs real processes (cold, warm-local, and castore-hot against a SeaweedFS it starts itself); keep it < 90 s.
 """
@@ -33,7 +33,7 @@ def test_bench_quick_writes_json_markdown_chart_and_ratios(tmp_path) -> None:  #
     png = (out / "hot_load.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 1000
     assert report["repeats"] == 1 and report["modes"] == ["cold", "warm-local", "castore-hot"]
-    assert report["note"]  # CPU numbers are noisy, and the JSON says so
+    assert report["note"] == ""  # only what --note says
     rows = {r["mode"]: r for r in report["summary"]}
     assert set(rows) >= {"cold", "warm-local", "castore-hot", "castore-cold"}
     for mode in ("cold", "warm-local", "castore-hot"):
@@ -55,7 +55,7 @@ def test_bench_quick_writes_json_markdown_chart_and_ratios(tmp_path) -> None:  #
 
 
 def _run(mode: str, digest: str, seconds: float = 1.0, repeat: int = 0, call: str | None = None):  # noqa: ANN202
-    from castore.bench.hot_load import Run
+    from castore.bench.modes import Run
 
     result = {"seconds_to_first_output": seconds, "seconds_compile": seconds / 2, "output_digest": digest, "fxgraph": {}}
     return Run(model="m:infer", mode=mode, repeat=repeat, ok=True, result=result, call=call)
@@ -64,7 +64,7 @@ def _run(mode: str, digest: str, seconds: float = 1.0, repeat: int = 0, call: st
 def test_a_hot_start_is_checked_against_the_compile_that_wrote_its_caches() -> None:
     """With autotuning, two cold compiles may pick different configs: castore-hot must reproduce castore-cold's
     output (it loads its entries), warm-local the cold run's; a re-tuning warm start shows up as a mismatch."""
-    from castore.bench.hot_load import summarize
+    from castore.bench.report import summarize
 
     runs = [_run("cold", "aaaa", 10), _run("castore-cold", "bbbb", 11), _run("castore-hot", "bbbb", 2),
             _run("warm-local", "cccc", 2)]  # fmt: skip
@@ -82,7 +82,8 @@ def _report(run_id: str, runs: list, slug: str = "gpu-test") -> dict:  # noqa: A
 def test_merged_calls_pool_their_runs_and_check_each_against_its_own_writer() -> None:
     """Two device calls of one model: runs renumbered and tagged by call, never-started processes dropped, and a
     hot start compared with the castore-cold run of its own call (two calls' compiles may differ)."""
-    from castore.bench.hot_load import Run, merge_reports
+    from castore.bench.modes import Run
+    from castore.bench.report import merge_reports
 
     first = [_run("cold", "aaaa", 10), _run("castore-cold", "bbbb", 11), _run("castore-hot", "bbbb", 2),
              _run("warm-local", "aaaa", 2)]  # fmt: skip
@@ -105,7 +106,7 @@ def test_merged_calls_pool_their_runs_and_check_each_against_its_own_writer() ->
 def test_a_merged_report_merged_again_keeps_each_repeat_paired() -> None:
     """An earlier merged report pooled with a new call: every call's repeats keep their pairing, although one mode
     of the first call stopped a repeat short at its deadline."""
-    from castore.bench.hot_load import merge_reports
+    from castore.bench.report import merge_reports
 
     def run(mode: str, repeat: int, seconds: float):  # noqa: ANN202
         return _run(mode, "d", seconds, repeat)
@@ -127,7 +128,7 @@ def test_a_merged_report_merged_again_keeps_each_repeat_paired() -> None:
 def test_the_paired_ratio_compares_each_process_with_the_warm_start_of_its_own_repeat() -> None:
     """Each process is divided by the warm-local process of its own repeat in its own call (run back to back, so a
     machine that drifts between repeats or calls moves both); a repeat without a warm-local one is left out."""
-    from castore.bench.hot_load import summarize
+    from castore.bench.report import summarize
 
     def run(mode: str, repeat: int, seconds: float, call: str = "c1"):  # noqa: ANN202
         return _run(mode, "d", seconds, repeat, call)
@@ -143,7 +144,7 @@ def test_the_paired_ratio_compares_each_process_with_the_warm_start_of_its_own_r
 
 
 def test_merging_results_of_different_machines_is_refused() -> None:
-    from castore.bench.hot_load import merge_reports
+    from castore.bench.report import merge_reports
 
     with pytest.raises(SystemExit, match="different machines"):
         merge_reports([_report("a", [_run("cold", "aaaa")], "gpu-h100"), _report("b", [_run("cold", "aaaa")], "gpu-h200")])

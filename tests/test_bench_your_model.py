@@ -10,7 +10,7 @@ import textwrap
 
 import pytest
 
-from castore.bench.hot_load import model_slug, resolve_model_spec, split_model_spec
+from castore.bench.modes import model_slug, resolve_model_spec, split_model_spec
 
 # Two positional inputs and a tuple output: what the built-in models never exercise.
 MODEL_FILE = textwrap.dedent(
@@ -61,7 +61,7 @@ def test_a_model_file_is_made_absolute_and_a_missing_one_refused(tmp_path, monke
 @pytest.mark.torch
 def test_a_factory_is_found_by_file_and_by_module_and_its_result_checked(tmp_path, monkeypatch) -> None:  # noqa: ANN001
     torch = pytest.importorskip("torch")
-    from castore.bench.demo_model import ModelSpecError, build
+    from castore.bench.models import ModelSpecError, build
 
     (tmp_path / "my_model.py").write_text(MODEL_FILE)
     net, example = build(f"{tmp_path}/my_model.py:make_model", "train", "cpu")

@@ -1,5 +1,5 @@
-"""The benchmark's per-thread CPU accounting (``demo_model.ThreadCpu``): the seconds castore's threads take from
-the interpreter that the main thread's tracing shares, ended threads and live ones alike."""
+"""The measured process's per-thread CPU accounting (``castore.bench.counters.ThreadCpu``): the seconds castore's
+threads take from the interpreter that the main thread's tracing shares, ended threads and live ones alike."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import textwrap
 SCRIPT = textwrap.dedent(
     """
     import json, threading, time
-    from castore.bench.demo_model import ThreadCpu
+    from castore.bench.counters import ThreadCpu
 
     def spin(seconds):
         end = time.thread_time() + seconds

@@ -10,7 +10,7 @@ import subprocess
 import sys
 from typing import Any
 
-from castore.bench.hot_load import last_json
+from castore.bench.machines import last_json
 
 
 def parse_model_args(model: str, mode: str, **extra: tuple[type, object]) -> argparse.Namespace:

@@ -14,7 +14,7 @@ import tempfile
 
 from _demo import demo_argv, parse_model_args, run_demo
 
-from castore.bench.hot_load import castore_machine_env
+from castore.bench.machines import castore_machine_env
 from castore.testing.faultproxy import FaultProxy
 from castore.testing.seaweedfs import SeaweedFS
 

@@ -19,7 +19,7 @@ import tempfile
 
 from _demo import demo_argv, parse_model_args, print_phases, run_demo
 
-from castore.bench.hot_load import castore_machine_env, plain_machine_env
+from castore.bench.machines import castore_machine_env, plain_machine_env
 from castore.testing.seaweedfs import SeaweedFS
 
 _LINE = re.compile(r"import time:\s+(\d+) \|\s+(\d+) \|(\s*)(\S+)")

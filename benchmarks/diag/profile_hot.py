@@ -22,7 +22,8 @@ import tempfile
 
 from _demo import demo_argv, parse_model_args, print_phases, run_demo
 
-from castore.bench.hot_load import castore_machine_env, plain_machine_env, rotated
+from castore.bench.hot_load import rotated
+from castore.bench.machines import castore_machine_env, plain_machine_env
 from castore.testing.faultproxy import FaultProxy
 from castore.testing.seaweedfs import SeaweedFS
 

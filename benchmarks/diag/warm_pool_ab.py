@@ -16,7 +16,7 @@ import tempfile
 
 from _demo import demo_argv, parse_model_args, print_phases, run_demo
 
-from castore.bench.hot_load import plain_machine_env
+from castore.bench.machines import plain_machine_env
 
 
 def main() -> None:

@@ -1,4 +1,4 @@
-"""`castore bench`: the hot-load benchmark (issue 4). Options are those of castore.bench.hot_load.
+"""`castore bench`: the hot-load benchmark. Options are those of castore.bench.hot_load.
 
 The castore process itself never imports torch; the benchmark runs torch in the processes it starts.
 """
@@ -6,7 +6,6 @@ The castore process itself never imports torch; the benchmark runs torch in the 
 from __future__ import annotations
 
 import click
-
 
 
 @click.command(
@@ -18,7 +17,8 @@ import click
 def bench(args: tuple[str, ...]) -> None:
     """Time to the first compiled output per cache strategy (cold, warm-local, castore, Redis, MegaCache).
 
-    Starts SeaweedFS and redis-server on 127.0.0.1; see `castore bench --help`.
+    Starts SeaweedFS and redis-server on 127.0.0.1; writes to ./castore-bench/<machine> unless --out says
+    otherwise; see `castore bench --help`.
     """
     from castore.bench.hot_load import main as run_bench
 

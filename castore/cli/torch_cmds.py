@@ -13,11 +13,12 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from typing import Any
 
 import click
 
-from castore.cli.common import cli_config, emit, json_option
+from castore.cli.common import EXIT_USAGE, cli_config, emit, json_option
 from castore.torch import job_environment
 
 
@@ -91,12 +92,32 @@ def stats(ctx: click.Context, reset: bool, as_json: bool) -> None:
     emit(ctx, aggregate_stats(records), _render_stats)
 
 
+TORCH_MISSING = "castore demo needs torch in this Python ({python}): pip install torch (or `make install` in a clone)"
+
+
+def torch_importable() -> bool:
+    """Whether the demo's processes (this interpreter) can import torch; looked up, not imported."""
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec("torch") is not None
+    except (ImportError, ValueError):
+        return False
+
+
+class DemoProcessFailed(Exception):
+    def __init__(self, message: str, torch_missing: bool) -> None:
+        super().__init__(message)
+        self.torch_missing = torch_missing
+
+
 def _run_demo_process(args: list[str], env: dict[str, str]) -> dict[str, Any]:
     start = time.time()
     proc = subprocess.run([sys.executable, "-m", "castore.bench.demo_model", *args], env=env, capture_output=True, text=True)
     wall = time.time() - start
     if proc.returncode != 0:
-        raise click.ClickException(f"demo process failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
+        missing = "No module named 'torch'" in proc.stderr
+        raise DemoProcessFailed(f"demo process failed ({proc.returncode}):\n{proc.stderr[-4000:]}", missing)
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     result["wall_seconds"] = round(wall, 3)
     return result
@@ -112,42 +133,69 @@ def fresh_machine_env(base: dict[str, str], root: str) -> dict[str, str]:
     return env
 
 
+def demo_overrides(global_overrides: dict[str, Any], url: str | None, work: str) -> dict[str, Any]:
+    """The configuration overrides of a demo run: the store named by --url (the demo's or the global one), else
+    an embedded file:// store under work, whatever CASTORE_URL or a config file names (the fleet's store is
+    not a scratch space); that temporary store is writable whatever read_only says."""
+    overrides = dict(global_overrides)
+    explicit = url or overrides.get("url")
+    if explicit:
+        overrides["url"] = explicit
+    else:
+        overrides["url"] = "file://" + os.path.join(work, "store")
+        overrides["read_only"] = False
+    return overrides
+
+
 @click.command("demo")
 @click.option("--model", default="transformer", type=click.Choice(["transformer", "cnn", "mlp"]), show_default=True)
 @click.option("--mode", default="train", type=click.Choice(["train", "infer"]), show_default=True)
+@click.option("--url", metavar="URL", help="Use this store (default: a temporary file:// store, removed afterwards).")
 @json_option
 @click.pass_context
-def demo(ctx: click.Context, model: str, mode: str, as_json: bool) -> None:
-    """Compile a small model cold, then as a fresh machine served from the store; print both times."""
+def demo(ctx: click.Context, model: str, mode: str, url: str | None, as_json: bool) -> None:
+    """Compile a small model cold, then as a fresh machine served from the store; print both times.
+
+    The demo writes into a store only when given --url (here or before the command): otherwise it uses a
+    temporary file:// store, whatever store is configured. Its temporary files are removed in every case.
+    """
     from castore.config import load_config
 
+    if not torch_importable():
+        click.echo(f"castore: error: {TORCH_MISSING.format(python=sys.executable)}", err=True)
+        ctx.exit(EXIT_USAGE)
+    root = ctx.find_root().obj or {}
     work = tempfile.mkdtemp(prefix="castore-demo-")
-    overrides = dict(ctx.find_root().obj.get("overrides") or {}) if ctx.find_root().obj else {}
-    configured = bool(overrides.get("url") or os.environ.get("CASTORE_URL"))
-    if not configured:
-        overrides["url"] = "file://" + os.path.join(work, "store")  # the embedded backend, in a fresh place
-    config = load_config(overrides)
-    namespace = f"demo-{int(time.time())}-{os.getpid()}"  # cold means cold, even on a shared store
+    try:
+        config = load_config(demo_overrides(root.get("overrides") or {}, url, work))
+        namespace = f"demo-{int(time.time())}-{os.getpid()}"  # cold means cold, even on a shared store
+        data = _run_demo(config, namespace, model, mode, work, say=(lambda *_: None) if as_json else (lambda msg: click.echo(msg, err=True)))
+    except DemoProcessFailed as exc:
+        if exc.torch_missing:
+            click.echo(f"castore: error: {TORCH_MISSING.format(python=sys.executable)}", err=True)
+            ctx.exit(EXIT_USAGE)
+        raise click.ClickException(str(exc)) from None
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    emit(ctx, data, _render_demo)
+
+
+def _run_demo(config: Any, namespace: str, model: str, mode: str, work: str, say: Callable[[str], None]) -> dict[str, Any]:
     base = job_environment(config, namespace)
     args = ["--model", model, "--mode", mode]
-    say = (lambda *_: None) if as_json else (lambda msg: click.echo(msg, err=True))
-    try:
-        say(f"store: {config.url}  (namespace {namespace})")
-        say("1/3 cold compile (empty caches, empty store) ...")
-        cold = _run_demo_process(args + ["--castore"], fresh_machine_env(base, os.path.join(work, "machine-a")))
-        say("2/3 fresh machine (empty local dirs, store populated) ...")
-        fresh = _run_demo_process(args + ["--castore"], fresh_machine_env(base, os.path.join(work, "machine-b")))
-        say("3/3 PyTorch's own warm local cache (machine A again, castore off), for reference ...")
-        plain = {k: v for k, v in fresh_machine_env(base, os.path.join(work, "machine-a")).items()}
-        for name in ("CASTORE_TORCH_AUTOINSTALL", "TORCHINDUCTOR_FX_GRAPH_REMOTE_CACHE", "TORCHINDUCTOR_AUTOGRAD_REMOTE_CACHE", "TORCHINDUCTOR_AUTOTUNE_REMOTE_CACHE"):
-            plain.pop(name, None)
-        warm = _run_demo_process(args, plain)
-    finally:
-        if not configured:
-            shutil.rmtree(work, ignore_errors=True)
+    say(f"store: {config.url}  (namespace {namespace})")
+    say("1/3 cold compile (empty caches, empty store) ...")
+    cold = _run_demo_process(args + ["--castore"], fresh_machine_env(base, os.path.join(work, "machine-a")))
+    say("2/3 fresh machine (empty local dirs, store populated) ...")
+    fresh = _run_demo_process(args + ["--castore"], fresh_machine_env(base, os.path.join(work, "machine-b")))
+    say("3/3 PyTorch's own warm local cache (machine A again, castore off), for reference ...")
+    plain = fresh_machine_env(base, os.path.join(work, "machine-a"))
+    for name in ("CASTORE_TORCH_AUTOINSTALL", "TORCHINDUCTOR_FX_GRAPH_REMOTE_CACHE", "TORCHINDUCTOR_AUTOGRAD_REMOTE_CACHE", "TORCHINDUCTOR_AUTOTUNE_REMOTE_CACHE"):
+        plain.pop(name, None)
+    warm = _run_demo_process(args, plain)
     if fresh["output_digest"] != cold["output_digest"]:
         raise click.ClickException("the fresh machine computed different outputs than the cold compile")
-    data = {
+    return {
         "model": model,
         "mode": mode,
         "store": config.url,
@@ -161,7 +209,6 @@ def demo(ctx: click.Context, model: str, mode: str, as_json: bool) -> None:
         "fresh_machine": fresh,
         "warm_local": warm,
     }
-    emit(ctx, data, _render_demo)
 
 
 def _render_demo(d: dict[str, Any]) -> str:

@@ -1,0 +1,118 @@
+"""The README stays short, speaks of the software only, and every number in it agrees with a committed result."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+README = REPO / "README.md"
+RESULTS = REPO / "benchmarks" / "results"
+MAX_BYTES = 12_000
+# Links to pages other branches add; checked once they exist (remove an entry when its page is in the tree).
+PAGES_WRITTEN_ELSEWHERE = {"docs/S3.md", "SECURITY.md"}
+# Columns of the README's results table -> (mode, field of the summary row, how the number is read from it)
+COLUMNS = {
+    "cold s": ("cold", lambda row: row["first_output_s"]["median"]),
+    "warm-local s": ("warm-local", lambda row: row["first_output_s"]["median"]),
+    "castore-hot s": ("castore-hot", lambda row: row["first_output_s"]["median"]),
+    "castore-hot / warm-local": ("castore-hot", lambda row: row["first_output_over_warm_local"]),
+    "paired": ("castore-hot", lambda row: row["first_output_paired_over_warm_local"]["median"]),
+    "castore-hot / cold": ("castore-hot", lambda row: row["first_output_over_cold"]),
+}
+
+
+def readme() -> str:
+    return README.read_text()
+
+
+def section(text: str, title: str) -> str:
+    start = text.index(f"\n## {title}\n")
+    end = text.find("\n## ", start + 1)
+    return text[start : end if end != -1 else len(text)]
+
+
+def table_rows(text: str) -> tuple[list[str], list[list[str]]]:
+    lines = [line for line in text.splitlines() if line.startswith("|")]
+    split = [[cell.strip() for cell in line.strip().strip("|").split("|")] for line in lines]
+    return split[0], split[2:]
+
+
+def test_readme_is_at_most_12_kb() -> None:
+    assert len(README.read_bytes()) <= MAX_BYTES
+
+
+def test_every_number_of_the_results_table_agrees_with_the_committed_json() -> None:
+    header, rows = table_rows(section(readme(), "Results"))
+    assert header[:2] == ["results", "model"] and set(header[2:]) == set(COLUMNS)
+    machines = set()
+    for cells in rows:
+        slug = re.fullmatch(r"\[([\w.-]+)\]\((benchmarks/results/[\w.-]+/hot_load\.md)\)", cells[0])
+        assert slug, cells[0]
+        assert (REPO / slug.group(2)).is_file()
+        machines.add(slug.group(1))
+        report = json.loads((RESULTS / slug.group(1) / "hot_load.json").read_text())
+        summary = {(row["model"], row["mode"]): row for row in report["summary"]}
+        for name, shown in zip(header[2:], cells[2:]):
+            mode, read = COLUMNS[name]
+            value = read(summary[(cells[1], mode)])
+            decimals = len(shown.partition(".")[2])
+            assert f"{value:.{decimals}f}" == shown, (slug.group(1), cells[1], name, shown, value)
+    assert any(m.startswith("cpu-") for m in machines) and any(m.startswith("gpu-") for m in machines)
+
+
+def test_the_demo_output_shown_is_a_committed_one() -> None:
+    text = section(readme(), "Two commands")
+    link = re.search(r"\((benchmarks/results/[\w.-]+/demo\.txt)\)", text)
+    assert link, "the demo output names the file it comes from"
+    shown = re.search(r"```\n(model: .*?)```", text, re.S)
+    assert shown, "no demo output block"
+    assert shown.group(1).strip() == (REPO / link.group(1)).read_text().strip()
+
+
+def test_readme_speaks_of_the_software_not_of_its_development() -> None:
+    history = re.compile(r"\bissue\b|\bstop\b|\bsession\b|earlier code|\bnow\b|used to|\b20\d\d-\d\d-\d\d\b", re.I)
+    assert history.findall(readme()) == []
+
+
+def test_readme_links_to_files_that_exist() -> None:
+    targets = re.findall(r"\]\(([^)#:]+)(?:#[^)]*)?\)", readme())
+    missing = [t for t in targets if not (REPO / t).exists() and t not in PAGES_WRITTEN_ELSEWHERE]
+    assert targets and missing == []
+
+
+def test_install_is_said_to_do_as_many_things_as_it_lists() -> None:
+    text = section(readme(), "Using it with torch.compile")
+    said = re.search(r"`install\(\)` does (\w+) things:\n((?:- .*\n(?:  .*\n)*)+)", text)
+    assert said, "the list of what install() does"
+    count = {"two": 2, "three": 3, "four": 4, "five": 5, "six": 6}[said.group(1)]
+    assert count == len(re.findall(r"^- ", said.group(2), re.M))
+
+
+def test_the_benchmarks_page_tables_agree_with_the_committed_json() -> None:
+    """docs/BENCHMARKS.md's full hot-load and throughput tables, cell by cell, against the JSON each section links."""
+    page = (REPO / "docs" / "BENCHMARKS.md").read_text()
+    checked = 0
+    for title in ("Hot load on CPU", "Hot load on GPU", "Store throughput"):
+        text = page[page.index(f"\n## {title}") :]
+        text = text[: text.find("\n## ", 1)]
+        source = re.search(r"\[JSON\]\(\.\./(benchmarks/results/[\w./-]+\.json)\)", text)
+        assert source, title
+        report = json.loads((REPO / source.group(1)).read_text())
+        header, rows = table_rows(text)
+        for cells in rows:
+            if "throughput" in report:
+                size, kind = re.fullmatch(r"(\d+) MiB (\w+)", cells[0]).groups()
+                item = next(t for t in report["throughput"] if t["size_mib"] == int(size) and t["kind"] == kind)
+                want = [f"{item[k]:.0f}" for k in ("castore_get_mbps", "boto3_get_mbps")] + [f"{item['get_ratio']:.2f}"]
+                want += [f"{item[k]:.0f}" for k in ("castore_put_mbps", "boto3_put_mbps")] + [f"{item['put_ratio']:.2f}"]
+            else:
+                row = next(r for r in report["summary"] if r["model"] == cells[0] and r["mode"] == cells[1])
+                s = row["first_output_s"]
+                want = [cells[0], cells[1], f"{row['ok']}/{row['runs']}", f"{s['median']:.2f} ({s['min']:.2f}–{s['max']:.2f})",
+                        f"{row['first_output_over_warm_local']:.2f}", f"{row['first_output_paired_over_warm_local']['median']:.2f}",
+                        f"{row['first_output_over_cold']:.2f}"]  # fmt: skip
+            assert cells[-len(want) :] == want, (title, cells)
+            checked += 1
+    assert checked >= 30
