@@ -175,11 +175,19 @@ def test_manifest_round_trip_inline_tree_with_refs() -> None:
 
 
 def _doc(m: Manifest) -> dict:
-    return msgpack.unpackb(m.to_bytes(), raw=False)
+    """The manifest's fields, with the envelope's format version beside them (see _pack)."""
+    envelope = msgpack.unpackb(m.to_bytes(), raw=False)
+    return {"format": envelope["format"], **msgpack.unpackb(envelope["body"], raw=False)}
 
 
 def _pack(doc: dict) -> bytes:
-    return msgpack.packb(doc, use_bin_type=True)
+    """A manifest object whose body is doc (less its 'format', which goes on the envelope), checksum correct."""
+    doc = dict(doc)
+    body = msgpack.packb({k: v for k, v in doc.items() if k != "format"}, use_bin_type=True)
+    envelope = {"body": body, "sha256": hashlib.sha256(body).digest(), "sigs": []}
+    if "format" in doc:
+        envelope["format"] = doc["format"]
+    return msgpack.packb(envelope, use_bin_type=True)
 
 
 @pytest.mark.parametrize(
