@@ -367,3 +367,23 @@ def test_planted_entries_miss_on_seaweedfs(s3_url: str, tmp_path: Path, ci_key: 
         assert fleet.get_many("ns", ["fx-planted", "fx-b", "fx-moved"]) == {"fx-planted": None, "fx-b": None, "fx-moved": None}
         assert fleet.stats.untrusted == 3
         assert not any(fleet.local.holds(keys.manifest_path("ns", k)) for k in ("fx-planted", "fx-b", "fx-moved"))
+
+
+def test_torch_session_and_castore_stats_count_untrusted_entries(tmp_path: Path, ci_key: SecretKey) -> None:
+    from castore.config import Config
+    from castore.torch.session import StoreSession, castore_key
+
+    backend = open_backend(f"memory://{uuid.uuid4().hex}")
+    _store(backend, require=False).put("ns", castore_key("planted"), b"attacker bytes")
+    _store(backend, signing_key=ci_key).put("ns", castore_key("good"), b"ci bytes")
+    config = Config(url="memory://x", cache_dir=str(tmp_path / "cache"))
+    session = StoreSession(config, "ns", open_store=lambda: _store(backend, trusted=[ci_key]))
+    assert session.get("fx-graph", "planted") is None
+    assert session.get("fx-graph", "good") == b"ci bytes"
+    assert session.stats.to_dict()["untrusted"] == 1
+    assert session.stats.caches["fx-graph"].misses == 1 and session.stats.caches["fx-graph"].get_errors == 0
+    session.close()
+    data = json.loads(CliRunner().invoke(main, ["--cache-dir", str(tmp_path / "cache"), "stats", "--json"]).output)
+    assert data["untrusted"] == 1
+    text = CliRunner().invoke(main, ["--cache-dir", str(tmp_path / "cache"), "stats"]).output
+    assert "untrusted entries refused" in text and text.rstrip().endswith(": 1")
