@@ -90,10 +90,12 @@ def decode_envelope(raw: bytes) -> Envelope:
     if not isinstance(doc, dict):
         raise ManifestError("manifest is not a map")
     version = doc.get("format")
+    if type(version) is not int:  # not a bool, not a float that compares equal
+        raise ManifestError(f"manifest has no valid format version: {version!r}")
     if version == LEGACY_FORMAT_VERSION:
         return Envelope(format=LEGACY_FORMAT_VERSION, body=None, legacy_doc=_unpack_body(raw))
     if version != FORMAT_VERSION:
-        if isinstance(version, int) and not isinstance(version, bool) and version > FORMAT_VERSION:
+        if version > FORMAT_VERSION:
             raise UnsupportedFormatVersion(version, FORMAT_VERSION)
         raise ManifestError(f"manifest has no valid format version: {version!r}")
     body = _want(doc, "body", bytes)
