@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import logging
 import os
 import re
@@ -35,6 +36,13 @@ def _ed25519() -> Any:
     except ImportError as exc:  # pragma: no cover - a declared dependency
         raise ConfigError("signing keys need the 'cryptography' package (pip install cryptography)") from exc
     return ed25519
+
+
+@functools.cache
+def _invalid_signature() -> type[Exception]:
+    from cryptography.exceptions import InvalidSignature
+
+    return InvalidSignature
 
 
 def validate_key_name(name: str) -> str:
@@ -83,11 +91,9 @@ class PublicKey:
         return self._verifier
 
     def verify(self, signature: bytes, message: bytes) -> bool:
-        from cryptography.exceptions import InvalidSignature
-
         try:
             self.verifier().verify(signature, message)
-        except InvalidSignature:
+        except _invalid_signature():
             return False
         return True
 

@@ -387,3 +387,16 @@ def test_torch_session_and_castore_stats_count_untrusted_entries(tmp_path: Path,
     assert data["untrusted"] == 1
     text = CliRunner().invoke(main, ["--cache-dir", str(tmp_path / "cache"), "stats"]).output
     assert "untrusted entries refused" in text and text.rstrip().endswith(": 1")
+
+
+def test_job_environment_carries_the_keys_to_every_process_of_a_job(tmp_path: Path, ci_key: SecretKey) -> None:
+    from castore.torch import job_environment
+
+    secret_path, public_path = write_key_pair(ci_key, tmp_path / "keys")
+    xdg = {"XDG_CONFIG_HOME": str(tmp_path / "xdg")}
+    config = load_config({"url": "memory://x", "signing_key": str(secret_path), "trusted_keys": [str(public_path)]}, env=xdg, cwd=tmp_path)
+    env = job_environment(config, base=xdg)
+    child = load_config(env=env, cwd=tmp_path)
+    assert (child.signing_key, child.trusted_keys, child.require_signatures) == (str(secret_path), config.trusted_keys, True)
+    unsigned = load_config(env=job_environment(load_config({"url": "memory://x"}, env=xdg, cwd=tmp_path), base=xdg), cwd=tmp_path)
+    assert (unsigned.signing_key, unsigned.trusted_keys, unsigned.require_signatures) == ("", (), False)
