@@ -28,6 +28,7 @@ KEY_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,127}")
 PUBLIC_KEY_BYTES = 32
 SEED_BYTES = 32
 MAX_KEY_FILE_BYTES = 64 << 10
+VERIFIED_CACHE_ENTRIES = 1 << 16
 
 
 def _ed25519() -> Any:
@@ -248,6 +249,9 @@ class TrustPolicy:
             if self.keys.setdefault(key.name, key).raw != key.raw:
                 raise ConfigError(f"two different trusted keys are named {key.name!r}")
         self.require = require
+        # (body checksum, key name, signature) that verified: a process that reads one manifest twice (a
+        # prefetch, then the lookup) verifies it once. The checksum was checked, so it stands for the body.
+        self._verified: dict[tuple[bytes, str, bytes], None] = {}
         for key in self.keys.values():
             key.verifier()  # load every key once, now: a bad key is a ConfigError at open, not a miss per lookup
 
@@ -261,13 +265,15 @@ class TrustPolicy:
             if self.require:
                 return Verdict(False, "unsigned legacy (format 1) manifest; signatures are required", None, signers)
             return Verdict(True, "legacy (format 1) manifest, unsigned; signatures not required", None, signers)
-        message = envelope.message
         failed = []
         for name, signature in envelope.signatures:
             key = self.keys.get(name)
             if key is None:
                 continue
-            if key.verify(signature, message):
+            seen = (envelope.checksum, name, signature)
+            if seen in self._verified or key.verify(signature, envelope.message):
+                if len(self._verified) < VERIFIED_CACHE_ENTRIES:
+                    self._verified[seen] = None
                 return Verdict(True, f"signed by trusted key {name!r}", name, signers)
             failed.append(name)
         if failed:

@@ -400,3 +400,18 @@ def test_job_environment_carries_the_keys_to_every_process_of_a_job(tmp_path: Pa
     assert (child.signing_key, child.trusted_keys, child.require_signatures) == (str(secret_path), config.trusted_keys, True)
     unsigned = load_config(env=job_environment(load_config({"url": "memory://x"}, env=xdg, cwd=tmp_path), base=xdg), cwd=tmp_path)
     assert (unsigned.signing_key, unsigned.trusted_keys, unsigned.require_signatures) == ("", (), False)
+
+
+def test_a_manifest_read_twice_is_verified_once(monkeypatch: pytest.MonkeyPatch, ci_key: SecretKey) -> None:
+    backend = open_backend(f"memory://{uuid.uuid4().hex}")
+    _store(backend, signing_key=ci_key).put("ns", "k", b"v")
+    calls = []
+    original = PublicKey.verify
+    monkeypatch.setattr(PublicKey, "verify", lambda self, sig, msg: calls.append(1) or original(self, sig, msg))
+    reader = _store(backend, trusted=[ci_key])
+    assert reader.get("ns", "k") == b"v" and reader.get("ns", "k") == b"v" and reader.stat("ns", "k") is not None
+    assert len(calls) == 1
+    raw = bytearray(backend.get(keys.manifest_path("ns", "k")))
+    raw[-1] ^= 1  # the signature's last byte: a new (checksum, name, signature), verified afresh, and refused
+    backend.put(keys.manifest_path("ns", "k"), bytes(raw))
+    assert reader.get("ns", "k") is None and len(calls) == 2

@@ -52,6 +52,7 @@ class Envelope:
     body: bytes | None
     signatures: tuple[tuple[str, bytes], ...] = ()
     legacy_doc: dict[str, Any] | None = None
+    checksum: bytes = b""  # SHA-256 of body, checked
 
     @property
     def message(self) -> bytes:
@@ -115,7 +116,7 @@ def decode_envelope(raw: bytes) -> Envelope:
         if not (isinstance(sig, bytes) and len(sig) == SIGNATURE_BYTES):
             raise ManifestError(f"signature is not {SIGNATURE_BYTES} bytes")
         signatures.append((name, sig))
-    return Envelope(format=FORMAT_VERSION, body=body, signatures=tuple(signatures))
+    return Envelope(format=FORMAT_VERSION, body=body, signatures=tuple(signatures), checksum=checksum)
 
 
 def _unpack_body(raw: bytes) -> dict[str, Any]:
