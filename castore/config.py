@@ -61,7 +61,8 @@ def parse_key_list(value: object) -> KeyList:
         items = list(value)
     else:
         raise ConfigError("trusted_keys must be a list of public keys (NAME:BASE64) or paths of .pub files")
-    entries = [item if is_inline_public_key(item) else os.path.expanduser(item) for item in (i.strip() for i in items) if item]
+    # Paths become absolute: job environments carry them to processes with other working directories.
+    entries = [item if is_inline_public_key(item) else os.path.abspath(os.path.expanduser(item)) for item in (i.strip() for i in items) if item]
     load_public_keys(entries)
     return KeyList(entries)
 
@@ -73,6 +74,7 @@ def parse_signing_key(value: object) -> str:
 
     path = os.path.expanduser(str(value).strip())
     if path:
+        path = os.path.abspath(path)
         secret_key_name(path)
     return path
 
