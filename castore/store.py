@@ -98,6 +98,8 @@ class Store:
         self.trust = trust if trust is not None and trust.active else None
         self.signing_key = signing_key
         self._untrusted_logged: set[tuple[str, str]] = set()
+        # A writer without the key in a store whose readers require signatures: what it publishes is refused.
+        self._warn_unsigned = self.trust is not None and self.trust.require and signing_key is None
         self.read_only = read_only
         self.max_blob_size = max_blob_size
         self.local = backend if isinstance(backend, LocalLayer) else None
@@ -204,6 +206,10 @@ class Store:
             result.chunks_total = len(refs)
         body = manifest.body_bytes()
         signatures = [self.signing_key.sign_body(body)] if self.signing_key is not None else []
+        if self._warn_unsigned:
+            self._warn_unsigned = False
+            log.warning("castore: publishing unsigned entries (no signing_key) while signatures are required: "
+                        "readers that require signatures, this one included, will refuse them")
         published = self.backend.put(keys.manifest_path(namespace, key), encode_envelope(body, signatures), if_absent=not overwrite)
         result.published = published
         self._bump(puts=1, bytes_written=result.bytes_uploaded, chunks_uploaded=result.chunks_uploaded,

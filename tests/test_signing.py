@@ -415,3 +415,12 @@ def test_a_manifest_read_twice_is_verified_once(monkeypatch: pytest.MonkeyPatch,
     raw[-1] ^= 1  # the signature's last byte: a new (checksum, name, signature), verified afresh, and refused
     backend.put(keys.manifest_path("ns", "k"), bytes(raw))
     assert reader.get("ns", "k") is None and len(calls) == 2
+
+
+def test_a_writer_without_the_key_is_warned_once(caplog: pytest.LogCaptureFixture, ci_key: SecretKey) -> None:
+    store = _store(open_backend(f"memory://{uuid.uuid4().hex}"), trusted=[ci_key])
+    with caplog.at_level(logging.WARNING, logger="castore"):
+        store.put("ns", "a", b"1")
+        store.put("ns", "b", b"2")
+    assert [r.getMessage() for r in caplog.records].count(caplog.records[0].getMessage()) == 1
+    assert "unsigned entries" in caplog.records[0].getMessage() and len(caplog.records) == 1
