@@ -425,3 +425,48 @@ def test_a_writer_without_the_key_is_warned_once(caplog: pytest.LogCaptureFixtur
         store.put("ns", "b", b"2")
     assert [r.getMessage() for r in caplog.records].count(caplog.records[0].getMessage()) == 1
     assert "unsigned entries" in caplog.records[0].getMessage() and len(caplog.records) == 1
+
+
+def test_random_damage_to_signed_manifests_and_key_text_gives_typed_errors_only(ci_key: SecretKey) -> None:
+    """Seeded fuzzing: random byte edits, truncations and insertions of a signed manifest object, read by a
+    reader that requires signatures: typed errors, or (edits that cancel out) the original entry; random key
+    text: ConfigError only."""
+    from castore.errors import UnsupportedFormatVersion
+
+    backend = open_backend(f"memory://{uuid.uuid4().hex}")
+    _store(backend, signing_key=ci_key).put("ns", "k", _rand(3000), meta={"filename": "x.so", "mode": 0o755})
+    original = backend.get(keys.manifest_path("ns", "k"))
+    truth = Manifest.from_bytes(original, max_size=1 << 20)
+    policy = TrustPolicy([ci_key.public], require=True)
+    rng = random.Random(13)
+    outcomes = {"typed error": 0, "refused": 0, "unchanged": 0}
+    for _ in range(3000):
+        raw = bytearray(original)
+        for _ in range(rng.randint(1, 4)):
+            op, at = rng.random(), rng.randrange(len(raw))
+            if op < 0.6:
+                raw[at] = rng.randrange(256)
+            elif op < 0.8:
+                del raw[at : at + rng.randint(1, 8)]
+            else:
+                raw[at:at] = rng.randbytes(rng.randint(1, 8))
+        try:
+            envelope = decode_envelope(bytes(raw))
+            if not policy.check(envelope).trusted:
+                outcomes["refused"] += 1
+                continue
+            got = Manifest.from_envelope(envelope, max_size=1 << 20)
+        except (ManifestError, UnsupportedFormatVersion):
+            outcomes["typed error"] += 1
+            continue
+        assert got == truth and (got.meta, got.created) == (truth.meta, truth.created)
+        outcomes["unchanged"] += 1
+    print(f"\nrandom edits of a signed manifest: {outcomes}")
+    assert outcomes["typed error"] + outcomes["refused"] > 2900
+    for _ in range(3000):
+        text = "".join(rng.choice("ab-._:+/=AZ09 \n\x00é") for _ in range(rng.randint(0, 60)))
+        for parse in (PublicKey.parse, SecretKey.parse):
+            try:
+                parse(text)
+            except ConfigError:
+                pass
