@@ -19,18 +19,21 @@ from castore.errors import (
     ManifestError,
     ReadOnlyError,
     UnsupportedFormatVersion,
+    UntrustedEntryError,
 )
 from castore.store import PutResult, Store
 from castore.version import __version__
 
 
 def open_store(url: str | None = None, *, config: Config | None = None, **overrides: Any) -> Store:
-    """Open the configured store: backend by URL, read-only wrapper, local read-through layer."""
+    """Open the configured store: backend by URL, read-only wrapper, local read-through layer, signing keys."""
     from castore.backends import ReadOnlyBackend, open_backend
     from castore.local_layer import LocalLayer
+    from castore.signing import from_config
 
     if config is None:
         config = load_config({"url": url, **overrides})
+    trust, signing_key = from_config(config)  # keys first: a bad key fails here, before any connection
     options = {}
     if config.url.startswith("s3://"):
         options = {
@@ -45,7 +48,7 @@ def open_store(url: str | None = None, *, config: Config | None = None, **overri
     # A local layer in front of a local store only duplicates it.
     if config.cache_size > 0 and not config.url.startswith(("file://", "memory://", "/")):
         backend = LocalLayer(backend, config.cache_dir, config.cache_size)
-    return Store(backend, read_only=config.read_only, workers=config.workers)
+    return Store(backend, read_only=config.read_only, workers=config.workers, trust=trust, signing_key=signing_key)
 
 
 __all__ = [
@@ -62,6 +65,7 @@ __all__ = [
     "ReadOnlyError",
     "Store",
     "UnsupportedFormatVersion",
+    "UntrustedEntryError",
     "__version__",
     "load_config",
     "open_store",

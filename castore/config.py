@@ -42,6 +42,43 @@ def parse_bool(value: object) -> bool:
     raise ConfigError(f"not a boolean: {value!r}")
 
 
+class KeyList(tuple[str, ...]):
+    """Trusted public keys (inline ``name:base64`` values or paths of .pub files). Prints comma-separated: the
+    form CASTORE_TRUSTED_KEYS reads back (job environments export every setting as text)."""
+
+    def __str__(self) -> str:
+        return ",".join(self)
+
+
+def parse_key_list(value: object) -> KeyList:
+    """A list (config file) or a comma/whitespace separated string (environment) of trusted public keys, each
+    checked now: a bad key or an unreadable key file is a ConfigError, not a store that trusts nothing."""
+    from castore.signing import is_inline_public_key, load_public_keys
+
+    if isinstance(value, str):
+        items = re.split(r"[,\s]+", value)
+    elif isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
+        items = list(value)
+    else:
+        raise ConfigError("trusted_keys must be a list of public keys (NAME:BASE64) or paths of .pub files")
+    # Paths become absolute: job environments carry them to processes with other working directories.
+    entries = [item if is_inline_public_key(item) else os.path.abspath(os.path.expanduser(item)) for item in (i.strip() for i in items) if item]
+    load_public_keys(entries)
+    return KeyList(entries)
+
+
+def parse_signing_key(value: object) -> str:
+    """The path of a signing key file ('' for none), checked for a key name without reading the secret into
+    anything that could print it."""
+    from castore.signing import secret_key_name
+
+    path = os.path.expanduser(str(value).strip())
+    if path:
+        path = os.path.abspath(path)
+        secret_key_name(path)
+    return path
+
+
 @dataclass
 class Config:
     url: str = field(default_factory=lambda: "file://" + str(_user_cache_dir() / "store"))
@@ -63,6 +100,11 @@ class Config:
     # Torch integration: at a process's first graph lookup, fetch in parallel everything the last process that
     # compiled that graph used (its fetch plan), instead of one request after another.
     prefetch: bool = True
+    # Signing (SECURITY.md): writers sign with this key file; readers accept only entries signed by a trusted key
+    # when signatures are required (the default as soon as any trusted key or a signing key is configured).
+    signing_key: str = ""
+    trusted_keys: KeyList = field(default_factory=KeyList)
+    require_signatures: bool = False
     sources: dict[str, str] = field(default_factory=dict, compare=False, repr=False)
 
     def describe(self) -> list[tuple[str, object, str]]:
@@ -83,6 +125,9 @@ _PARSERS: dict[str, Any] = {
     "store_wait": float,
     "flush_timeout": float,
     "prefetch": parse_bool,
+    "signing_key": parse_signing_key,
+    "trusted_keys": parse_key_list,
+    "require_signatures": parse_bool,
 }
 ENV_PREFIX = "CASTORE_"
 
@@ -129,6 +174,10 @@ def load_config(overrides: dict[str, Any] | None = None, *, env: dict[str, str] 
                     raise ConfigError(f"{name} from {source}: {exc}") from exc
                 config.sources[name] = source + (f" {ENV_PREFIX}{name.upper()}" if source == "environment" else "")
                 break
+    if "require_signatures" not in config.sources:
+        config.require_signatures = bool(config.trusted_keys or config.signing_key)
+        if config.require_signatures:
+            config.sources["require_signatures"] = "default: on, as keys are configured"
     if config.cache_size < 0 or config.workers < 1 or config.max_attempts < 1:
         raise ConfigError("cache_size must be >= 0, workers and max_attempts >= 1")
     return config

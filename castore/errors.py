@@ -28,6 +28,11 @@ class UnsupportedFormatVersion(FormatError):
         self.supported = supported
 
 
+class UntrustedEntryError(FormatError):
+    """A manifest this reader's trust policy refuses: unsigned while signatures are required, signed by no
+    trusted key, a signature that does not verify, or an entry moved from the key it was written for."""
+
+
 class CorruptChunkError(FormatError):
     """A chunk's bytes do not match its digest or declared size."""
 

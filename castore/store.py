@@ -14,12 +14,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from castore.backends.base import Backend
-from castore.errors import CorruptChunkError, FormatError, ReadOnlyError
+from castore.errors import CorruptChunkError, FormatError, ReadOnlyError, UntrustedEntryError
 from castore.format import chunking, keys
 from castore.format import codec as codecs
-from castore.format.manifest import INLINE_THRESHOLD, ChunkRef, Manifest, TreeEntry
+from castore.format.manifest import INLINE_THRESHOLD, ChunkRef, Manifest, TreeEntry, decode_envelope, encode_envelope
 from castore.format.tree import safe_relpath, scan_tree
 from castore.local_layer import LocalLayer
+from castore.signing import SecretKey, TrustPolicy, Verdict, unchecked
 from castore.version import __version__
 
 log = logging.getLogger(__name__)
@@ -43,6 +44,7 @@ class StoreStats:
     hits: int = 0
     misses: int = 0
     corrupt: int = 0
+    untrusted: int = 0  # manifest reads refused: unsigned, wrongly signed, revoked or moved entries
     puts: int = 0
     bytes_read: int = 0
     bytes_written: int = 0
@@ -87,8 +89,17 @@ class Store:
         read_only: bool = False,
         max_blob_size: int = DEFAULT_MAX_BLOB_SIZE,
         workers: int | None = None,
+        trust: TrustPolicy | None = None,
+        signing_key: SecretKey | None = None,
     ) -> None:
+        """``trust``: which manifests this reader accepts (None: any intact one); ``signing_key``: sign what this
+        writer publishes (castore/signing.py)."""
         self.backend = backend
+        self.trust = trust if trust is not None and trust.active else None
+        self.signing_key = signing_key
+        self._untrusted_logged: set[tuple[str, str]] = set()
+        # A writer without the key in a store whose readers require signatures: what it publishes is refused.
+        self._warn_unsigned = self.trust is not None and self.trust.require and signing_key is None
         self.read_only = read_only
         self.max_blob_size = max_blob_size
         self.local = backend if isinstance(backend, LocalLayer) else None
@@ -193,7 +204,13 @@ class Store:
             refs = list(self._pool.map(lambda piece: self._upload_chunk(piece, progress, result), pieces))
             manifest.chunks = refs
             result.chunks_total = len(refs)
-        published = self.backend.put(keys.manifest_path(namespace, key), manifest.to_bytes(), if_absent=not overwrite)
+        body = manifest.body_bytes()
+        signatures = [self.signing_key.sign_body(body)] if self.signing_key is not None else []
+        if self._warn_unsigned:
+            self._warn_unsigned = False
+            log.warning("castore: publishing unsigned entries (no signing_key) while signatures are required: "
+                        "readers that require signatures, this one included, will refuse them")
+        published = self.backend.put(keys.manifest_path(namespace, key), encode_envelope(body, signatures), if_absent=not overwrite)
         result.published = published
         self._bump(puts=1, bytes_written=result.bytes_uploaded, chunks_uploaded=result.chunks_uploaded,
                    chunks_deduplicated=result.chunks_total - result.chunks_uploaded)
@@ -214,19 +231,53 @@ class Store:
 
     # -- reading ---------------------------------------------------------------------------------
     def stat(self, namespace: str, key: str) -> Manifest | None:
-        """The key's manifest, or None. Raises FormatError for a manifest that cannot be trusted."""
-        raw = self.backend.get(keys.manifest_path(namespace, key))
+        """The key's manifest, or None. Raises FormatError for a manifest that cannot be trusted: damaged
+        (ManifestError) or refused by this reader's trust policy (UntrustedEntryError, counted, logged once)."""
+        found = self._load_manifest(namespace, key, enforce=True)
+        return found[0] if found is not None else None
+
+    def inspect(self, namespace: str, key: str) -> tuple[Manifest, Verdict, int] | None:
+        """The key's manifest, this reader's verdict on it and its format version, without refusing an untrusted
+        entry (for display: `castore stat`). Never use the result of an untrusted verdict to read data."""
+        return self._load_manifest(namespace, key, enforce=False)
+
+    def _load_manifest(self, namespace: str, key: str, *, enforce: bool) -> tuple[Manifest, Verdict, int] | None:
+        path = keys.manifest_path(namespace, key)
+        raw = self.backend.get(path)
         if raw is None:
             return None
         try:
-            manifest = Manifest.from_bytes(raw, max_size=self.max_blob_size)
+            # Checksum and signatures first: the body is parsed only once this reader trusts its bytes.
+            envelope = decode_envelope(raw)
+            verdict = self.trust.check(envelope) if self.trust is not None else unchecked(envelope)
+            if enforce and not verdict.trusted:
+                self._refuse(namespace, key, verdict.reason)
+            manifest = Manifest.from_envelope(envelope, max_size=self.max_blob_size)
+        except UntrustedEntryError:
+            raise
         except FormatError:
             if self.local is not None:
-                self.local.forget(keys.manifest_path(namespace, key))
+                self.local.forget(path)
             raise
         if (manifest.namespace, manifest.key) != (namespace, key):
-            raise FormatError(f"manifest at {namespace}/{key} describes {manifest.namespace}/{manifest.key}")
-        return manifest
+            # A valid entry copied to another key: what it holds was made for another graph.
+            reason = f"moved: the entry was written for {manifest.namespace}/{manifest.key}"
+            verdict = Verdict(False, reason, verdict.verified_by, verdict.signers)
+            if enforce:
+                self._refuse(namespace, key, reason)
+        return manifest, verdict, envelope.format
+
+    def _refuse(self, namespace: str, key: str, reason: str) -> None:
+        """Count an untrusted entry, say so once per entry and process, drop any local copy, and raise."""
+        self._bump(untrusted=1)
+        with self._stats_lock:
+            first = (namespace, key) not in self._untrusted_logged
+            if first and len(self._untrusted_logged) < 100_000:
+                self._untrusted_logged.add((namespace, key))
+        (log.warning if first else log.debug)("castore: %s/%s: untrusted entry treated as a miss: %s", namespace, key, reason)
+        if self.local is not None:
+            self.local.forget(keys.manifest_path(namespace, key))
+        raise UntrustedEntryError(f"{namespace}/{key}: untrusted entry: {reason}")
 
     def contains(self, namespace: str, key: str) -> bool:
         return self.backend.exists(keys.manifest_path(namespace, key))
@@ -314,6 +365,8 @@ class Store:
     def _stat_for_read(self, namespace: str, key: str) -> Manifest | None:
         try:
             return self.stat(namespace, key)
+        except UntrustedEntryError:
+            return None  # counted and logged by stat
         except FormatError as exc:
             log.warning("castore: %s/%s: unusable manifest treated as a miss: %s", namespace, key, exc)
             self._bump(corrupt=1)

@@ -175,11 +175,19 @@ def test_manifest_round_trip_inline_tree_with_refs() -> None:
 
 
 def _doc(m: Manifest) -> dict:
-    return msgpack.unpackb(m.to_bytes(), raw=False)
+    """The manifest's fields, with the envelope's format version beside them (see _pack)."""
+    envelope = msgpack.unpackb(m.to_bytes(), raw=False)
+    return {"format": envelope["format"], **msgpack.unpackb(envelope["body"], raw=False)}
 
 
 def _pack(doc: dict) -> bytes:
-    return msgpack.packb(doc, use_bin_type=True)
+    """A manifest object whose body is doc (less its 'format', which goes on the envelope), checksum correct."""
+    doc = dict(doc)
+    body = msgpack.packb({k: v for k, v in doc.items() if k != "format"}, use_bin_type=True)
+    envelope = {"body": body, "sha256": hashlib.sha256(body).digest(), "sigs": []}
+    if "format" in doc:
+        envelope["format"] = doc["format"]
+    return msgpack.packb(envelope, use_bin_type=True)
 
 
 @pytest.mark.parametrize(
@@ -264,3 +272,45 @@ def test_valid_keys_and_paths() -> None:
     assert keys.parse_chunk_path("castore/v1/chunks/ab/zz") is None
     with pytest.raises(InvalidKeyError):
         keys.validate_namespace("a:b")
+
+
+@pytest.mark.parametrize("version", [True, 2.0, 1.0, -1, None, b"\x02"])
+def test_format_version_must_be_an_integer_one_or_two(version: object) -> None:
+    doc = _doc(_chunked_manifest())
+    doc["format"] = version
+    with pytest.raises(ManifestError):
+        Manifest.from_bytes(_pack(doc), max_size=1 << 30)
+
+
+def test_legacy_format_1_manifests_are_still_read() -> None:
+    m = _chunked_manifest()
+    legacy = {"format": 1, **msgpack.unpackb(m.body_bytes(), raw=False)}
+    assert Manifest.from_bytes(_pack_legacy(legacy), max_size=1 << 30) == m
+    legacy["size"] += 1  # version 1 rules still apply to the fields
+    with pytest.raises(ManifestError):
+        Manifest.from_bytes(_pack_legacy(legacy), max_size=1 << 30)
+
+
+def _pack_legacy(doc: dict) -> bytes:
+    return msgpack.packb(doc, use_bin_type=True)
+
+
+def test_envelope_fields_are_checked_before_the_body() -> None:
+    from castore.format.manifest import decode_envelope, encode_envelope
+
+    body = _chunked_manifest().body_bytes()
+    good = msgpack.unpackb(encode_envelope(body, [("ci", b"s" * 64)]), raw=False)
+    for mutate in (
+        lambda d: d.update(sha256=hashlib.sha256(b"other").digest()),
+        lambda d: d.pop("sha256"),
+        lambda d: d.pop("sigs"),
+        lambda d: d.update(sigs=[["ci", b"short"]]),
+        lambda d: d.update(sigs=[["", b"s" * 64]]),
+        lambda d: d.update(sigs=[["ci", b"s" * 64]] * 9),
+        lambda d: d.update(body="not bin"),
+    ):
+        doc = dict(good)
+        mutate(doc)
+        with pytest.raises(ManifestError):
+            decode_envelope(msgpack.packb(doc, use_bin_type=True))
+    assert decode_envelope(msgpack.packb(good, use_bin_type=True)).signatures == (("ci", b"s" * 64),)

@@ -28,7 +28,7 @@ from castore.errors import (
 )
 from castore.format import chunking, keys
 from castore.format import codec as codecs
-from castore.format.manifest import ChunkRef, Manifest
+from castore.format.manifest import FORMAT_VERSION, ChunkRef, Manifest
 
 pytestmark = pytest.mark.s3
 NS = "ns"
@@ -384,7 +384,7 @@ def test_oversized_manifest(store: castore.Store, bucket: Bucket, entry) -> None
 
 def test_unknown_format_version(store: castore.Store, bucket: Bucket, entry) -> None:  # noqa: ANN001
     doc = msgpack.unpackb(bucket.get(keys.manifest_path(NS, "victim")))
-    doc["format"] = 2
+    doc["format"] = FORMAT_VERSION + 1
     bucket.put(keys.manifest_path(NS, "victim"), msgpack.packb(doc, use_bin_type=True))
     with pytest.raises(UnsupportedFormatVersion):
         store.stat(NS, "victim")

@@ -226,13 +226,19 @@ def ls(ctx: click.Context, namespace: str | None, long_: bool, as_json: bool) ->
 def stat_cmd(ctx: click.Context, namespace: str, key: str, as_json: bool) -> None:
     """Show a key's manifest: kind, size, chunks, stored size, codec mix, metadata, creation time."""
     store = open_cli_store(ctx)
-    manifest = store.stat(namespace, key)
-    if manifest is None:
+    found = store.inspect(namespace, key)
+    if found is None:
         raise Miss(f"{namespace}/{key}: no such key")
+    manifest, verdict, version = found
+    summary = manifest_summary(manifest)
+    summary.update(format=version, signed_by=list(verdict.signers), trusted=verdict.trusted, trust=verdict.reason)
 
     def render(s: dict[str, Any]) -> str:
         lines = [
             f"key:         {s['namespace']}/{s['key']}",
+            f"format:      {s['format']}",
+            f"signed by:   {', '.join(s['signed_by']) or '-'}",
+            f"trusted:     {'yes' if s['trusted'] else 'NO'} ({s['trust']})",
             f"kind:        {s['kind']}",
             f"size:        {s['size']} ({human_size(s['size'])})",
             f"digest:      sha256:{s['digest']}",
@@ -248,7 +254,7 @@ def stat_cmd(ctx: click.Context, namespace: str, key: str, as_json: bool) -> Non
         lines.extend(f"  {k} = {v!r}" for k, v in sorted(s["meta"].items()))
         return "\n".join(lines)
 
-    emit(ctx, manifest_summary(manifest), render)
+    emit(ctx, summary, render)
 
 
 @click.command("rm")
@@ -337,11 +343,20 @@ def config_cmd(ctx: click.Context, as_json: bool) -> None:
     """Show the effective configuration and where each value came from."""
     cfg = cli_config(ctx)
     rows = [{"name": name, "value": value, "source": source} for name, value, source in cfg.describe()]
+    if cfg.signing_key:  # its path and its key's name; never the secret
+        from castore.signing import secret_key_name
+
+        row = next(r for r in rows if r["name"] == "signing_key")
+        row["key_name"] = secret_key_name(cfg.signing_key)
     if json_mode(ctx):
-        emit(ctx, {r["name"]: {"value": r["value"], "source": r["source"]} for r in rows})
+        emit(ctx, {r["name"]: {k: v for k, v in r.items() if k != "name"} for r in rows})
         return
     width = max(len(r["name"]) for r in rows)
-    emit(ctx, rows, lambda rs: "\n".join(f"{r['name']:<{width}}  {r['value']!s:<40}  ({r['source']})" for r in rs))
+    emit(ctx, rows, lambda rs: "\n".join(f"{r['name']:<{width}}  {_config_value(r)!s:<40}  ({r['source']})" for r in rs))
+
+
+def _config_value(row: dict[str, Any]) -> str:
+    return f"{row['value']} (key {row['key_name']!r})" if "key_name" in row else str(row["value"])
 
 
 

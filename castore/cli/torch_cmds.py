@@ -48,7 +48,9 @@ def _stats_records(cache_dir: str) -> list[dict[str, Any]]:
 def aggregate_stats(records: list[dict[str, Any]]) -> dict[str, Any]:
     caches: dict[str, dict[str, float]] = {}
     layers = {"local": {"hits": 0}, "bucket": {"fetches": 0}}
+    untrusted = 0
     for record in records:
+        untrusted += int(record.get("untrusted", 0))
         for name, counters in record.get("caches", {}).items():
             total = caches.setdefault(name, {})
             for k, v in counters.items():
@@ -56,7 +58,7 @@ def aggregate_stats(records: list[dict[str, Any]]) -> dict[str, Any]:
         for layer, counters in record.get("layers", {}).items():
             for k, v in counters.items():
                 layers.setdefault(layer, {})[k] = layers.get(layer, {}).get(k, 0) + v
-    return {"processes": len(records), "caches": caches, "layers": layers}
+    return {"processes": len(records), "caches": caches, "layers": layers, "untrusted": untrusted}
 
 
 def _render_stats(data: dict[str, Any]) -> str:
@@ -71,6 +73,7 @@ def _render_stats(data: dict[str, Any]) -> str:
             f"{c.get('seconds_saved', 0):>9.1f}{c.get('seconds_waited', 0):>10.2f}"
         )
     lines.append(f"local layer hits: {data['layers']['local'].get('hits', 0)}; bucket fetches: {data['layers']['bucket'].get('fetches', 0)}")
+    lines.append(f"untrusted entries refused (unsigned, wrongly signed, revoked or moved; counted as misses): {data.get('untrusted', 0)}")
     return "\n".join(lines)
 
 

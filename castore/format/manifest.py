@@ -1,7 +1,15 @@
-"""Manifests: msgpack maps that describe one keyed blob (docs/FORMAT.md, 'Manifests')."""
+"""Manifests: msgpack maps that describe one keyed blob (docs/FORMAT.md, 'Manifests').
+
+A version 2 manifest object is an envelope ``{"format": 2, "body": bin, "sha256": bin(32), "sigs": [...]}``: the
+body is the msgpack map of the manifest's fields, the checksum makes any damage to it detectable, and each
+signature covers ``SIGNED_PREFIX + body``, the exact stored bytes. Version 1 objects (the fields as a bare map,
+no checksum, no signatures) are still read as legacy entries.
+"""
 
 from __future__ import annotations
 
+import hashlib
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -12,7 +20,13 @@ from castore.errors import ManifestError, UnsupportedFormatVersion
 from castore.format import codec as codecs
 from castore.format.chunking import MAX_CHUNK_SIZE, ChunkerParams
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+LEGACY_FORMAT_VERSION = 1
+# Every signature signs these bytes followed by the body: a signature made for anything else never verifies here.
+SIGNED_PREFIX = b"castore manifest v2\0"
+SIGNATURE_BYTES = 64
+MAX_SIGNATURES = 8
+MAX_KEY_NAME_BYTES = 128
 MAX_MANIFEST_BYTES = 16 << 20
 MAX_CHUNKS = 1 << 20
 MAX_INLINE_BYTES = 64 << 10
@@ -20,6 +34,107 @@ MAX_INLINE_BYTES = 64 << 10
 INLINE_THRESHOLD = 16 << 10
 KINDS = ("blob", "tree", "bundle")
 MetaValue = str | int | float | bool | None
+
+
+def signed_message(body: bytes) -> bytes:
+    """The exact bytes a manifest signature signs."""
+    return SIGNED_PREFIX + body
+
+
+@dataclass(frozen=True)
+class Envelope:
+    """A manifest object's outer layer, checked (checksum, shapes) but with its body not yet parsed.
+
+    ``body`` is None for a legacy format 1 object, whose fields are ``legacy_doc``.
+    """
+
+    format: int
+    body: bytes | None
+    signatures: tuple[tuple[str, bytes], ...] = ()
+    legacy_doc: dict[str, Any] | None = None
+    checksum: bytes = b""  # SHA-256 of body, checked
+
+    @property
+    def message(self) -> bytes:
+        assert self.body is not None
+        return signed_message(self.body)
+
+
+def encode_envelope(body: bytes, signatures: list[tuple[str, bytes]] | tuple[tuple[str, bytes], ...] = ()) -> bytes:
+    doc = {
+        "format": FORMAT_VERSION,
+        "body": body,
+        "sha256": hashlib.sha256(body).digest(),
+        "sigs": [[name, sig] for name, sig in signatures],
+    }
+    return msgpack.packb(doc, use_bin_type=True)
+
+
+def decode_envelope(raw: bytes) -> Envelope:
+    """Check a manifest object's size, shape, version and checksum; parse nothing of the body yet."""
+    if len(raw) > MAX_MANIFEST_BYTES:
+        raise ManifestError(f"manifest is {len(raw)} bytes, over the {MAX_MANIFEST_BYTES} byte limit")
+    try:
+        # The envelope's limits are those of the largest field, the body; a legacy object is re-read below
+        # with the body's own limits.
+        doc = msgpack.unpackb(
+            raw,
+            raw=False,
+            strict_map_key=True,
+            max_bin_len=MAX_MANIFEST_BYTES,
+            max_str_len=1 << 20,
+            max_array_len=MAX_CHUNKS,
+            max_map_len=4096,
+        )
+    except Exception as exc:  # msgpack raises several unrelated types on bad input
+        raise ManifestError(f"manifest is not valid msgpack: {exc}") from exc
+    if not isinstance(doc, dict):
+        raise ManifestError("manifest is not a map")
+    version = doc.get("format")
+    if type(version) is not int:  # not a bool, not a float that compares equal
+        raise ManifestError(f"manifest has no valid format version: {version!r}")
+    if version == LEGACY_FORMAT_VERSION:
+        return Envelope(format=LEGACY_FORMAT_VERSION, body=None, legacy_doc=_unpack_body(raw))
+    if version != FORMAT_VERSION:
+        if version > FORMAT_VERSION:
+            raise UnsupportedFormatVersion(version, FORMAT_VERSION)
+        raise ManifestError(f"manifest has no valid format version: {version!r}")
+    body = _want(doc, "body", bytes)
+    checksum = _want(doc, "sha256", bytes)
+    if hashlib.sha256(body).digest() != checksum:
+        raise ManifestError("manifest body does not match its sha256 checksum")
+    sigs = _want(doc, "sigs", list)
+    if len(sigs) > MAX_SIGNATURES:
+        raise ManifestError(f"manifest has {len(sigs)} signatures, over the limit of {MAX_SIGNATURES}")
+    signatures = []
+    for item in sigs:
+        if not (isinstance(item, list) and len(item) == 2):
+            raise ManifestError("signature entry is not [key name, signature]")
+        name, sig = item
+        if not (isinstance(name, str) and 0 < len(name.encode()) <= MAX_KEY_NAME_BYTES):
+            raise ManifestError("signature key name is not a non-empty string of at most 128 bytes")
+        if not (isinstance(sig, bytes) and len(sig) == SIGNATURE_BYTES):
+            raise ManifestError(f"signature is not {SIGNATURE_BYTES} bytes")
+        signatures.append((name, sig))
+    return Envelope(format=FORMAT_VERSION, body=body, signatures=tuple(signatures), checksum=checksum)
+
+
+def _unpack_body(raw: bytes) -> dict[str, Any]:
+    try:
+        doc = msgpack.unpackb(
+            raw,
+            raw=False,
+            strict_map_key=True,
+            max_bin_len=MAX_INLINE_BYTES,
+            max_str_len=1 << 20,
+            max_array_len=MAX_CHUNKS,
+            max_map_len=4096,
+        )
+    except Exception as exc:  # msgpack raises several unrelated types on bad input
+        raise ManifestError(f"manifest body is not valid msgpack: {exc}") from exc
+    if not isinstance(doc, dict):
+        raise ManifestError("manifest body is not a map")
+    return doc
 
 
 @dataclass(frozen=True)
@@ -60,9 +175,9 @@ class Manifest:
     def stored_size(self) -> int:
         return len(self.inline) if self.inline is not None else sum(c.stored_size for c in self.chunks)
 
-    def to_bytes(self) -> bytes:
+    def body_bytes(self) -> bytes:
+        """The msgpack map of this manifest's fields: what the envelope's checksum and signatures cover."""
         doc: dict[str, Any] = {
-            "format": FORMAT_VERSION,
             "kind": self.kind,
             "ns": self.namespace,
             "key": self.key,
@@ -83,31 +198,23 @@ class Manifest:
             doc["refs"] = [list(r) for r in self.refs]
         return msgpack.packb(doc, use_bin_type=True)
 
+    def to_bytes(self, signatures: list[tuple[str, bytes]] | None = None) -> bytes:
+        """The manifest object (format 2 envelope), with the given signatures of ``signed_message(body)``."""
+        return encode_envelope(self.body_bytes(), signatures or ())
+
     @classmethod
     def from_bytes(cls, raw: bytes, *, max_size: int) -> Manifest:
-        """Parse and validate. ``max_size`` bounds the blob size a reader will accept (decompression bombs)."""
-        if len(raw) > MAX_MANIFEST_BYTES:
-            raise ManifestError(f"manifest is {len(raw)} bytes, over the {MAX_MANIFEST_BYTES} byte limit")
-        try:
-            doc = msgpack.unpackb(
-                raw,
-                raw=False,
-                strict_map_key=True,
-                max_bin_len=MAX_INLINE_BYTES,
-                max_str_len=1 << 20,
-                max_array_len=MAX_CHUNKS,
-                max_map_len=4096,
-            )
-        except Exception as exc:  # msgpack raises several unrelated types on bad input
-            raise ManifestError(f"manifest is not valid msgpack: {exc}") from exc
-        if not isinstance(doc, dict):
-            raise ManifestError("manifest is not a map")
-        version = doc.get("format")
-        if version != FORMAT_VERSION:
-            if isinstance(version, int) and version > FORMAT_VERSION:
-                raise UnsupportedFormatVersion(version, FORMAT_VERSION)
-            raise ManifestError(f"manifest has no valid format version: {version!r}")
-        return _parse_v1(doc, max_size)
+        """Parse and validate, checking the checksum but no signature (readers that trust keys use
+        decode_envelope, check the signatures, then from_envelope). ``max_size`` bounds the blob size a reader
+        will accept (decompression bombs)."""
+        return cls.from_envelope(decode_envelope(raw), max_size=max_size)
+
+    @classmethod
+    def from_envelope(cls, envelope: Envelope, *, max_size: int) -> Manifest:
+        if envelope.body is None:
+            assert envelope.legacy_doc is not None
+            return _parse_fields(envelope.legacy_doc, max_size)
+        return _parse_fields(_unpack_body(envelope.body), max_size)
 
 
 def _want(doc: dict[str, Any], name: str, typ: type) -> Any:
@@ -117,7 +224,7 @@ def _want(doc: dict[str, Any], name: str, typ: type) -> Any:
     return value
 
 
-def _parse_v1(doc: dict[str, Any], max_size: int) -> Manifest:
+def _parse_fields(doc: dict[str, Any], max_size: int) -> Manifest:
     kind = _want(doc, "kind", str)
     if kind not in KINDS:
         raise ManifestError(f"unknown manifest kind {kind!r}")
@@ -131,8 +238,8 @@ def _parse_v1(doc: dict[str, Any], max_size: int) -> Manifest:
     if not isinstance(meta, dict) or not all(isinstance(k, str) for k in meta):
         raise ManifestError("manifest meta is not a map of strings")
     created = doc.get("created", 0.0)
-    if not isinstance(created, (int, float)):
-        raise ManifestError("manifest 'created' is not a number")
+    if not isinstance(created, (int, float)) or isinstance(created, bool) or not math.isfinite(created):
+        raise ManifestError("manifest 'created' is not a finite number")
     m = Manifest(
         namespace=_want(doc, "ns", str),
         key=_want(doc, "key", str),

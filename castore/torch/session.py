@@ -53,6 +53,7 @@ class SessionStats:
     caches: dict[str, CacheCounters] = field(default_factory=lambda: defaultdict(CacheCounters))
     local_hits: int = 0  # objects served by the node's local layer
     bucket_fetches: int = 0  # objects fetched from the bucket
+    untrusted: int = 0  # entries refused by the trust policy (unsigned, wrongly signed, revoked, moved): misses
     prefetched: int = 0  # objects fetched ahead of their lookup, from a fetch plan
     install_seconds: float = 0.0  # castore.torch.install() in this process (hooks, and the torch modules they patch)
     store_open_seconds: float = 0.0  # opening the store (for s3://, the HTTP client and credentials)
@@ -62,6 +63,7 @@ class SessionStats:
             "caches": {name: asdict(c) for name, c in sorted(self.caches.items())},
             "layers": {"local": {"hits": self.local_hits}, "bucket": {"fetches": self.bucket_fetches}},
             "prefetched": self.prefetched,
+            "untrusted": self.untrusted,
             "install_seconds": round(self.install_seconds, 3),
             "store_open_seconds": round(self.store_open_seconds, 3),
         }
@@ -250,7 +252,12 @@ class StoreSession:
             self._counters(cache).seconds_saved += seconds
 
     def _layer_account(self, store) -> None:  # noqa: ANN001
-        """Mirror the local layer's counters (hits served on the node, objects fetched from the bucket)."""
+        """Mirror the local layer's counters (hits served on the node, objects fetched from the bucket) and the
+        store's count of refused (untrusted) entries."""
+        stats = getattr(store, "stats", None)
+        if stats is not None:
+            with self._stats_lock:
+                self.stats.untrusted = getattr(stats, "untrusted", 0)
         local = getattr(store, "local", None)
         if local is None:
             return
