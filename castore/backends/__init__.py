@@ -47,4 +47,19 @@ def open_backend(url: str, **options: Any) -> Backend:
     raise ConfigError(f"unsupported store URL {redact(url)!r}: expected one of {', '.join(s + '://' for s in SCHEMES)}")
 
 
-__all__ = ["NETWORK_SCHEMES", "Backend", "ObjectInfo", "ReadOnlyBackend", "open_backend", "redact"]
+def describe_backend(url: str) -> dict[str, str] | None:
+    """For a network store: the resolved endpoint, region, addressing style and where the credentials come
+    from, as the backend would use them (no request sent, never a secret). None for local stores."""
+    scheme = url.split("://", 1)[0] if "://" in url else ""
+    if scheme == "s3":
+        from castore.backends.s3 import S3Settings
+
+        return S3Settings.resolve(url).describe()
+    if scheme in ("gs", "az"):
+        from castore.backends.cloud import CloudBackend
+
+        return CloudBackend(url).describe()
+    return None
+
+
+__all__ = ["NETWORK_SCHEMES", "Backend", "ObjectInfo", "ReadOnlyBackend", "describe_backend", "open_backend", "redact"]

@@ -335,13 +335,27 @@ def du(ctx: click.Context, namespace: str | None, as_json: bool) -> None:
 @click.pass_context
 def config_cmd(ctx: click.Context, as_json: bool) -> None:
     """Show the effective configuration and where each value came from."""
+    from castore.backends import describe_backend
+
     cfg = cli_config(ctx)
     rows = [{"name": name, "value": value, "source": source} for name, value, source in cfg.describe()]
+    store = describe_backend(cfg.url)  # endpoint, region, addressing, credential source: never a secret
     if json_mode(ctx):
-        emit(ctx, {r["name"]: {"value": r["value"], "source": r["source"]} for r in rows})
+        out: dict[str, Any] = {r["name"]: {"value": r["value"], "source": r["source"]} for r in rows}
+        if store is not None:
+            out["store"] = store
+        emit(ctx, out)
         return
     width = max(len(r["name"]) for r in rows)
-    emit(ctx, rows, lambda rs: "\n".join(f"{r['name']:<{width}}  {r['value']!s:<40}  ({r['source']})" for r in rs))
+
+    def render(rs: list[dict[str, Any]]) -> str:
+        lines = [f"{r['name']:<{width}}  {r['value']!s:<40}  ({r['source']})" for r in rs]
+        if store is not None:
+            inner = max(width - 2, *(len(name) for name in store))
+            lines += ["", "store:"] + [f"  {name:<{inner}}  {value}" for name, value in store.items()]
+        return "\n".join(lines)
+
+    emit(ctx, rows, render)
 
 
 
