@@ -37,7 +37,7 @@ from castore.errors import BackendError, ConfigError
 
 ADDRESSING = ("auto", "virtual", "path")
 _PARAMS = ("endpoint", "region", "addressing", "sse_kms_key_id", "requester_pays")
-_BUCKET = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{1,254}")
+_BUCKET = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,254}")
 _HOST = re.compile(r"[A-Za-z0-9_]([A-Za-z0-9_.-]*[A-Za-z0-9_])?")
 _REGION = re.compile(r"[a-z0-9-]{1,40}")
 _EXPRESS = re.compile(r".+--(?P<zone>[a-z0-9-]+)--x-s3")
