@@ -102,6 +102,8 @@ def test_credential_source_order(aws_home: Path, monkeypatch: pytest.MonkeyPatch
     monkeypatch.delenv("AWS_EC2_METADATA_DISABLED")
     assert resolve("s3://b").credentials.source == "instance"
     monkeypatch.setenv("AWS_CONTAINER_CREDENTIALS_FULL_URI", "http://127.0.0.1:1/creds")
+    assert resolve("s3://b").credentials.source == "container (botocore)"  # obstore needs the token file
+    monkeypatch.setenv("AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE", str(aws_home / "token"))
     assert resolve("s3://b").credentials.source == "container"
     (aws_home / "aws-credentials").write_text(f"[default]\naws_access_key_id = AKPROFILE\naws_secret_access_key = {SECRET}\n")
     creds = resolve("s3://b").credentials

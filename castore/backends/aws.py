@@ -81,13 +81,14 @@ class AwsProfile:
 
 @dataclass(frozen=True)
 class Credentials:
-    """Where the credentials come from. ``static`` keys are passed to the client; ``botocore_profile`` means
-    botocore's provider chain for that profile; otherwise obstore finds them itself (web identity, container,
-    instance metadata). Never printed with the secret."""
+    """Where the credentials come from. ``static`` keys are passed to the client; ``botocore`` means botocore's
+    provider chain (for ``botocore_profile``); otherwise obstore's own providers fetch them (web identity,
+    container, instance metadata). Never printed with the secret."""
 
     source: str
     static: tuple[str, str, str | None] | None = None
-    botocore_profile: str | None = None
+    botocore: bool = False
+    botocore_profile: str | None = None  # None: botocore's default profile
 
     def __repr__(self) -> str:
         return f"Credentials(source={self.source!r})"
@@ -105,12 +106,16 @@ def resolve_credentials(env: Mapping[str, str], profile: AwsProfile) -> Credenti
         merged = {**profile.config, **profile.credentials}
         if any(k in merged for k in _BOTOCORE_KEYS):
             kind = "sso" if any(k.startswith("sso_") for k in merged) else "profile"
-            return Credentials(f"{kind} {profile.name} (botocore)", botocore_profile=profile.name)
+            return Credentials(f"{kind} {profile.name} (botocore)", botocore=True, botocore_profile=profile.name)
         key, secret = merged.get("aws_access_key_id"), merged.get("aws_secret_access_key")
         if key and secret:
             return Credentials(f"profile {profile.name}", (key, secret, merged.get("aws_session_token")))
-    if _env(env, "AWS_CONTAINER_CREDENTIALS_FULL_URI", "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI"):
+    if _env(env, "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI"):  # ECS
         return Credentials("container")
+    if _env(env, "AWS_CONTAINER_CREDENTIALS_FULL_URI"):  # EKS Pod Identity and others
+        if _env(env, "AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE"):
+            return Credentials("container")
+        return Credentials("container (botocore)", botocore=True)  # a token in the environment, or none at all
     if (_env(env, "AWS_EC2_METADATA_DISABLED") or "").lower() == "true":
         return Credentials("none")
     return Credentials("instance")

@@ -89,7 +89,9 @@ def _unreachable(message: str) -> bool:
     if "Server returned non-2xx status code" in message:
         return False
     lowered = message.lower()
-    return any(s in lowered for s in ("error sending request", "timed out", "timeout", "connect", "connection", "dns"))
+    # A deadline or a reset that ends a body mid-way shows as a body error.
+    return any(s in lowered for s in ("error sending request", "timed out", "timeout", "connect", "connection", "dns",
+                                      "body error"))  # fmt: skip
 
 
 class ObstoreBackend(Backend):

@@ -233,6 +233,17 @@ class S3Backend(ObstoreBackend):
         return self.settings.describe()
 
 
+_NATIVE_CREDENTIAL_SETTINGS = (
+    ("web_identity_token_file", "AWS_WEB_IDENTITY_TOKEN_FILE"),
+    ("role_arn", "AWS_ROLE_ARN"),
+    ("role_session_name", "AWS_ROLE_SESSION_NAME"),
+    ("sts_endpoint", "AWS_STS_ENDPOINT"),
+    ("container_credentials_full_uri", "AWS_CONTAINER_CREDENTIALS_FULL_URI"),
+    ("container_credentials_relative_uri", "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI"),
+    ("container_authorization_token_file", "AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE"),
+)
+
+
 def _make_store(settings: S3Settings, options: dict[str, Any], retries: dict[str, Any]) -> Any:
     from obstore.store import S3Store
 
@@ -256,15 +267,19 @@ def _make_store(settings: S3Settings, options: dict[str, Any], retries: dict[str
         config["access_key_id"], config["secret_access_key"] = key, secret
         if token:
             config["session_token"] = token
-    elif creds.botocore_profile is not None:
+    elif creds.botocore:
         provider = _botocore_provider(creds.botocore_profile)
+    else:  # obstore's own providers, given their settings explicitly (it does not read every one of them alone)
+        for option, variable in _NATIVE_CREDENTIAL_SETTINGS:
+            if os.environ.get(variable):
+                config[option] = os.environ[variable]
     try:
         return S3Store(loc.bucket, config=config, client_options=options, retry_config=retries, credential_provider=provider)
     except Exception as exc:  # noqa: BLE001 - obstore's configuration errors
         raise ConfigError(f"{loc.url()}: {redact(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)}") from None
 
 
-def _botocore_provider(profile: str) -> Any:
+def _botocore_provider(profile: str | None) -> Any:
     """botocore's provider chain for a profile castore cannot read alone (SSO, assume-role, credential_process):
     boto3 is imported here only."""
     try:
