@@ -255,6 +255,9 @@ def _make_store(settings: S3Settings, options: dict[str, Any], retries: dict[str
         # Both names: obstore lets AWS_ENDPOINT_URL_S3 from the environment win over a plain endpoint.
         config["endpoint"] = config["aws_endpoint_url_s3"] = settings.endpoint
         config["virtual_hosted_style_request"] = settings.addressing == "virtual"
+    # Over TLS, which protects the body in transit, sign UNSIGNED-PAYLOAD as boto3 does: no SHA-256 pass over
+    # every chunk (castore verifies chunks by digest anyway). Over plain HTTP the body's hash is signed.
+    config["unsigned_payload"] = settings.endpoint is None or settings.endpoint.startswith("https:")
     if loc.sse_kms_key_id:
         config["server_side_encryption"] = "aws:kms"
         config["sse_kms_key_id"] = loc.sse_kms_key_id
