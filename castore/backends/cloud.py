@@ -4,7 +4,8 @@
     az://container/prefix?account=NAME[&endpoint=http://host:port/NAME&anonymous=1]
 
 Credentials are obstore's own: for GCS, GOOGLE_SERVICE_ACCOUNT / GOOGLE_SERVICE_ACCOUNT_KEY /
-GOOGLE_APPLICATION_CREDENTIALS, else the gcloud application-default file, else the metadata server; for Azure,
+GOOGLE_APPLICATION_CREDENTIALS / GOOGLE_BEARER_TOKEN, else the gcloud application-default file, else the
+metadata server; for Azure,
 AZURE_STORAGE_ACCOUNT_KEY, AZURE_STORAGE_SAS_KEY, a client secret (AZURE_CLIENT_ID / AZURE_CLIENT_SECRET /
 AZURE_TENANT_ID), workload identity (AZURE_FEDERATED_TOKEN_FILE), else managed identity. ``endpoint=`` points at
 an emulator or a private endpoint; ``anonymous=1`` sends unsigned requests (public buckets, emulators).
@@ -32,7 +33,8 @@ def _credential_source(scheme: str, anonymous: bool) -> str:
         return "none (anonymous)"
     env = os.environ
     names = {
-        "gs": ("GOOGLE_SERVICE_ACCOUNT", "GOOGLE_SERVICE_ACCOUNT_PATH", "GOOGLE_SERVICE_ACCOUNT_KEY", "GOOGLE_APPLICATION_CREDENTIALS"),
+        "gs": ("GOOGLE_SERVICE_ACCOUNT", "GOOGLE_SERVICE_ACCOUNT_PATH", "GOOGLE_SERVICE_ACCOUNT_KEY", "GOOGLE_APPLICATION_CREDENTIALS",
+               "GOOGLE_BEARER_TOKEN"),
         "az": ("AZURE_STORAGE_ACCOUNT_KEY", "AZURE_STORAGE_SAS_KEY", "AZURE_CLIENT_SECRET", "AZURE_FEDERATED_TOKEN_FILE"),
     }[scheme]
     found = next((n for n in names if env.get(n)), None)
