@@ -5,7 +5,7 @@ Starts its own SeaweedFS on 127.0.0.1 (castore.testing.seaweedfs). Sections (``-
 
 * ``clients``: three S3 clients behind castore's Backend interface, interleaved in one run:
   ``obstore`` (castore.backends.s3, today's), ``handwritten`` (the SigV4 + urllib3 client castore had before,
-  loaded at run time from git history, ``git show {LEGACY_COMMIT}:castore/backends/s3.py`` and sigv4.py, into a
+  loaded at run time from git history, ``git show e2a473e:castore/backends/s3.py`` and sigv4.py, into a
   temporary package: castore itself holds no signer any more) and ``botocore`` (a boto3 client). For each:
   start-up CPU and wall time of a fresh process that opens the store and sends one HEAD (``--startup-runs``
   processes, medians, minus a process that only imports castore), then single-object put and get of 64 KiB to
