@@ -150,6 +150,7 @@ class S3Settings:
     credentials: aws.Credentials
     proxy: str | None
     proxy_source: str | None
+    no_proxy: str | None = None
 
     @classmethod
     def resolve(cls, url: str, env: Mapping[str, str] | None = None) -> S3Settings:
@@ -161,7 +162,10 @@ class S3Settings:
             raise ConfigError(f"bad AWS region {region!r} (from {region_source})")
         endpoint, endpoint_source = aws.resolve_endpoint(loc.endpoint, env, profile)
         if endpoint is not None and endpoint_source != "URL":
-            endpoint = parse_endpoint(endpoint)
+            try:
+                endpoint = parse_endpoint(endpoint)
+            except ConfigError as exc:
+                raise ConfigError(f"{exc} (from {endpoint_source})") from None
         style = loc.addressing or profile.s3.get("addressing_style") or "auto"
         if style not in ADDRESSING:
             raise ConfigError(f"addressing_style {style!r} in the AWS config file: expected one of {ADDRESSING}")
@@ -181,7 +185,7 @@ class S3Settings:
         scheme = endpoint.split("://", 1)[0] if endpoint else "https"
         proxy, proxy_source = aws.proxy_for(scheme, env)
         return cls(loc, endpoint, endpoint_source, region, region_source, style, aws.resolve_credentials(env, profile),
-                   proxy, proxy_source)  # fmt: skip
+                   proxy, proxy_source, env.get("NO_PROXY") or env.get("no_proxy"))  # fmt: skip
 
     def describe(self) -> dict[str, str]:
         loc = self.location
@@ -193,9 +197,8 @@ class S3Settings:
         }
         if self.proxy:
             out["proxy"] = f"{redact(self.proxy)} ({self.proxy_source})"
-            no_proxy = os.environ.get("NO_PROXY") or os.environ.get("no_proxy")
-            if no_proxy:
-                out["proxy"] += f", NO_PROXY={no_proxy}"
+            if self.no_proxy:
+                out["proxy"] += f", NO_PROXY={self.no_proxy}"
         if loc.sse_kms_key_id:
             out["encryption"] = f"SSE-KMS key {loc.sse_kms_key_id}"
         if loc.requester_pays:
