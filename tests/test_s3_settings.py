@@ -263,6 +263,7 @@ def test_fuzzed_store_urls_give_a_backend_or_a_config_error(aws_home: Path, text
 @given(st.text(st.characters(codec="ascii", exclude_characters="@/?#%\\ \t\n\r\x0b\x0c"), min_size=6, max_size=20),
        st.lists(_pieces, max_size=6).map("".join))  # fmt: skip
 def test_fuzzed_endpoint_passwords_never_leak(aws_home: Path, password: str, tail: str) -> None:
+    password = "Pw9~" + password  # never a word of castore's own messages
     url = f"s3://bucket/p?endpoint=http://user:{password}@{tail}"
     try:
         backend = open_backend(url)
