@@ -1,6 +1,7 @@
 """castore: a content-addressed store for torch.compile artifacts on S3-compatible object storage.
 
-``import castore`` never imports torch, nor the S3 client unless an s3:// store is opened.
+``import castore`` never imports torch, nor the object store client (obstore) unless an s3://, gs:// or az://
+store is opened.
 """
 
 from __future__ import annotations
@@ -35,10 +36,11 @@ def open_store(url: str | None = None, *, config: Config | None = None, **overri
         config = load_config({"url": url, **overrides})
     trust, signing_key = from_config(config)  # keys first: a bad key fails here, before any connection
     options = {}
-    if config.url.startswith("s3://"):
+    if config.url.startswith(("s3://", "gs://", "az://")):
         options = {
             "connect_timeout": config.connect_timeout,
             "read_timeout": config.read_timeout,
+            "request_timeout": config.request_timeout,
             "max_attempts": config.max_attempts,
             "max_concurrency": config.workers,
         }

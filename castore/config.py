@@ -86,7 +86,8 @@ class Config:
     cache_size: int = 10 << 30  # 0 turns the local layer off
     read_only: bool = False
     connect_timeout: float = 2.0
-    read_timeout: float = 10.0
+    read_timeout: float = 10.0  # the longest wait for the next bytes of an answer
+    request_timeout: float = 30.0  # the deadline of one attempt, connecting to last byte (a trickling server)
     max_attempts: int = 4
     workers: int = 16
     # Torch integration: after a store error, skip the store for this many seconds (bounds the added delay).
@@ -108,7 +109,17 @@ class Config:
     sources: dict[str, str] = field(default_factory=dict, compare=False, repr=False)
 
     def describe(self) -> list[tuple[str, object, str]]:
-        return [(f.name, getattr(self, f.name), self.sources.get(f.name, "default")) for f in fields(self) if f.name != "sources"]
+        """(name, value, source) of every setting; the URL with any password in it replaced by ***."""
+        from castore.backends.base import redact
+
+        return [
+            (f.name, redact(self.url) if f.name == "url" else getattr(self, f.name), self.sources.get(f.name, "default"))
+            for f in fields(self)
+            if f.name != "sources"
+        ]
+
+    def __repr__(self) -> str:
+        return "Config(" + ", ".join(f"{name}={value!r}" for name, value, _ in self.describe()) + ")"
 
 
 _PARSERS: dict[str, Any] = {
@@ -118,6 +129,7 @@ _PARSERS: dict[str, Any] = {
     "read_only": parse_bool,
     "connect_timeout": float,
     "read_timeout": float,
+    "request_timeout": float,
     "max_attempts": int,
     "workers": int,
     "error_backoff": float,
@@ -180,4 +192,8 @@ def load_config(overrides: dict[str, Any] | None = None, *, env: dict[str, str] 
             config.sources["require_signatures"] = "default: on, as keys are configured"
     if config.cache_size < 0 or config.workers < 1 or config.max_attempts < 1:
         raise ConfigError("cache_size must be >= 0, workers and max_attempts >= 1")
+    for name in ("connect_timeout", "read_timeout", "request_timeout"):
+        value = getattr(config, name)
+        if not 0 < value < 1e7:  # also refuses nan and inf
+            raise ConfigError(f"{name} must be a finite number of seconds > 0, not {value!r} (from {config.sources.get(name)})")
     return config

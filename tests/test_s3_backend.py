@@ -121,10 +121,15 @@ def test_backend_if_absent_is_honoured(s3_url: str) -> None:
 
 
 def test_backend_lists_more_than_one_page(s3_url: str) -> None:
+    """S3 answers a listing 1,000 keys at a time: 1,005 objects take two pages, continued by token."""
+    from concurrent.futures import ThreadPoolExecutor
+
     with S3Backend(s3_url, list_page_size=7) as be:
-        for i in range(20):
-            be.put(f"p/{i:02d}", bytes(i))
-        assert list(be.list("p/")) == [(f"p/{i:02d}", i) for i in range(20)]
+        with ThreadPoolExecutor(16) as pool:
+            list(pool.map(lambda i: be.put(f"p/{i:04d}", bytes(i % 7)), range(1005)))
+        be.put("q/after", b"x")
+        assert list(be.list("p/")) == [(f"p/{i:04d}", i % 7) for i in range(1005)]
+        assert [p for p, _ in be.list("p/100")] == [f"p/{i:04d}" for i in range(1000, 1005)]
 
 
 def test_backend_missing_bucket_is_an_error_not_a_miss(seaweedfs, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: ANN001

@@ -341,6 +341,8 @@ def du(ctx: click.Context, namespace: str | None, as_json: bool) -> None:
 @click.pass_context
 def config_cmd(ctx: click.Context, as_json: bool) -> None:
     """Show the effective configuration and where each value came from."""
+    from castore.backends import describe_backend
+
     cfg = cli_config(ctx)
     rows = [{"name": name, "value": value, "source": source} for name, value, source in cfg.describe()]
     if cfg.signing_key:  # its path and its key's name; never the secret
@@ -348,11 +350,23 @@ def config_cmd(ctx: click.Context, as_json: bool) -> None:
 
         row = next(r for r in rows if r["name"] == "signing_key")
         row["key_name"] = secret_key_name(cfg.signing_key)
+    store = describe_backend(cfg.url)  # endpoint, region, addressing, credential source: never a secret
     if json_mode(ctx):
-        emit(ctx, {r["name"]: {k: v for k, v in r.items() if k != "name"} for r in rows})
+        out: dict[str, Any] = {r["name"]: {k: v for k, v in r.items() if k != "name"} for r in rows}
+        if store is not None:
+            out["store"] = store
+        emit(ctx, out)
         return
     width = max(len(r["name"]) for r in rows)
-    emit(ctx, rows, lambda rs: "\n".join(f"{r['name']:<{width}}  {_config_value(r)!s:<40}  ({r['source']})" for r in rs))
+
+    def render(rs: list[dict[str, Any]]) -> str:
+        lines = [f"{r['name']:<{width}}  {_config_value(r)!s:<40}  ({r['source']})" for r in rs]
+        if store is not None:
+            inner = max(width - 2, *(len(name) for name in store))
+            lines += ["", "store:"] + [f"  {name:<{inner}}  {value}" for name, value in store.items()]
+        return "\n".join(lines)
+
+    emit(ctx, rows, render)
 
 
 def _config_value(row: dict[str, Any]) -> str:
