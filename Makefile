@@ -20,7 +20,11 @@ install: $(VENV)/.installed
 demo: install
 	$(VENV)/bin/castore demo
 
-test: install
+# Azurite (the Azure Blob emulator, from the npm registry) for the az:// tests; they skip, saying why, without npm.
+node_modules/.bin/azurite-blob:
+	-command -v npm >/dev/null && npm install --no-save --no-audit --no-fund --silent azurite
+
+test: install node_modules/.bin/azurite-blob
 	$(VENV)/bin/pytest $(PYTEST_ARGS)
 
 bench: install
