@@ -28,6 +28,11 @@ class UnsupportedFormatVersion(FormatError):
         self.supported = supported
 
 
+class UnsafeTreeError(FormatError):
+    """A stored directory tree cannot be restored safely (an entry escapes DEST, is duplicated, crosses a
+    symlink, ...). Raised before anything is written."""
+
+
 class CorruptChunkError(FormatError):
     """A chunk's bytes do not match its digest or declared size."""
 

@@ -180,10 +180,14 @@ def test_corrupt_local_manifest_is_dropped(inner: CountingBackend, tmp_path: Pat
     layer = LocalLayer(inner, str(tmp_path / "layer"), 1 << 30)
     store = Store(layer)
     store.put("ns", "k", b"small inline blob")
-    Path(layer.local_path(keys.manifest_path("ns", "k"))).write_bytes(b"\xc1 garbage")
-    assert store.get("ns", "k") is None  # this read is a miss (with a warning) ...
-    assert not layer.holds(keys.manifest_path("ns", "k"))
-    assert store.get("ns", "k") == b"small inline blob"  # ... and the next one reads the bucket's copy
+    local = Path(layer.local_path(keys.manifest_path("ns", "k")))
+    local.write_bytes(b"\xc1 garbage")
+    gets = inner.calls["get"]
+    assert store.get("ns", "k") == b"small inline blob"  # the damaged local copy is dropped, the bucket's read once
+    assert inner.calls["get"] == gets + 1
+    assert local.read_bytes() == inner.inner.get(keys.manifest_path("ns", "k"))  # and the good copy kept
+    assert store.get("ns", "k") == b"small inline blob"
+    assert inner.calls["get"] == gets + 1
 
 
 def test_offline_serves_what_the_layer_holds(inner: CountingBackend, tmp_path: Path) -> None:
