@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import hashlib
 import logging
 import os
@@ -465,10 +466,10 @@ class Store:
         path = keys.manifest_path(namespace, key)
         manifest = None
         for attempt in range(2):
+            held = self.local is not None and self.local.holds(path)  # before this read fetched it
             manifest = self._stat_checked(namespace, key)
             if manifest is None:
                 return None, None
-            held = self.local is not None and self.local.holds(path)
             value = read(manifest)
             if value is not None:
                 return manifest, value
@@ -582,6 +583,7 @@ class Store:
         finally:
             for future in pending:
                 future.cancel()
+            concurrent.futures.wait(pending)  # nothing of this read runs on after it returns
         if hasher is not None and hasher.digest() != manifest.digest:
             if strict:
                 self._corrupt(manifest, "blob digest mismatch")
