@@ -252,3 +252,21 @@ def test_clear_and_misses(inner: CountingBackend, tmp_path: Path) -> None:
     assert layer.usage() == (1, 1)
     layer.clear()
     assert layer.usage() == (0, 0)
+
+
+def test_the_size_bound_holds_across_processes_sharing_one_layer(tmp_path: Path) -> None:
+    """Each process used to count only what it wrote itself: two of them filled the layer to twice its bound."""
+    bound = 300_000
+    backing = MemoryBackend()
+    paths = [f"castore/v1/chunks/{i:02x}/o{i}" for i in range(20)]
+    for i, p in enumerate(paths):
+        backing.put(p, _rand(25_000, seed=i))
+    first = LocalLayer(CountingBackend(backing), str(tmp_path / "layer"), bound)
+    second = LocalLayer(CountingBackend(backing), str(tmp_path / "layer"), bound)  # another process's view
+    for i, p in enumerate(paths):
+        (first if i % 2 else second).get(p)
+        assert first.usage()[1] <= bound
+    assert first.stats.evicted_files + second.stats.evicted_files > 0
+    second.forget(paths[-1])
+    held = first.usage()[1]
+    assert int((tmp_path / "layer" / "usage").read_text()) == held  # the shared counter follows removals too
