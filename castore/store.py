@@ -560,17 +560,28 @@ class Store:
         strict = strict or covered
         pending: collections.deque = collections.deque()
         upcoming = iter(refs)
+        # A chunk that repeats within the window is fetched once (a bad one must cost one request, not several).
+        in_flight: dict[bytes, concurrent.futures.Future] = {}
+        uses: collections.Counter[bytes] = collections.Counter()
 
         def submit_next() -> None:
             ref = next(upcoming, None)
             if ref is not None:
-                pending.append(self._pool.submit(self._fetch_chunk, ref, strict))
+                future = in_flight.get(ref.digest)
+                if future is None:
+                    future = in_flight[ref.digest] = self._pool.submit(self._fetch_chunk, ref, strict)
+                uses[ref.digest] += 1
+                pending.append((ref.digest, future))
 
         for _ in range(max(4, 2 * self._workers)):
             submit_next()
         try:
             while pending:
-                part = pending.popleft().result()
+                digest, future = pending.popleft()
+                uses[digest] -= 1
+                if not uses[digest]:
+                    del in_flight[digest]
+                part = future.result()
                 if part is None:
                     self._corrupt(manifest, "a chunk is missing or corrupt")
                     return False
@@ -581,9 +592,9 @@ class Store:
                 if progress:
                     progress(len(part))
         finally:
-            for future in pending:
+            for _, future in pending:
                 future.cancel()
-            concurrent.futures.wait(pending)  # nothing of this read runs on after it returns
+            concurrent.futures.wait([future for _, future in pending])  # nothing of this read runs on after it returns
         if hasher is not None and hasher.digest() != manifest.digest:
             if strict:
                 self._corrupt(manifest, "blob digest mismatch")

@@ -250,3 +250,19 @@ def test_cli_verify_repair_reports_json_and_exit_codes(tmp_path: Path) -> None:
     doc = json.loads(repaired.stdout)
     assert doc["removed"] == [f"chunk {path.rsplit('/', 1)[1]}", f"manifest {NS}/k"] and doc["unresolved"] == 0
     assert runner.invoke(main, ["verify"], env=env).exit_code == 0
+
+
+def test_a_bad_chunk_repeated_within_one_blob_is_fetched_once(tmp_path: Path) -> None:
+    bucket = MemoryBackend()
+    block = _rand(70_000, seed=12)
+    data = block * 10  # the same chunks, again and again
+    writer = Store(bucket)
+    writer.put(NS, "k", data)
+    m = writer.stat(NS, "k")
+    assert m is not None and len({r.digest for r in m.chunks}) < len(m.chunks)
+    repeated = next(r for r in m.chunks if sum(x.digest == r.digest for x in m.chunks) > 1)
+    path = keys.chunk_path(repeated.digest)
+    bucket.put(path, b"")
+    inner = CountingBackend(bucket)
+    assert _layered(inner, tmp_path).get(NS, "k") is None
+    assert inner.gets_of(path) == 1
