@@ -266,3 +266,28 @@ def test_a_bad_chunk_repeated_within_one_blob_is_fetched_once(tmp_path: Path) ->
     inner = CountingBackend(bucket)
     assert _layered(inner, tmp_path).get(NS, "k") is None
     assert inner.gets_of(path) == 1
+
+
+@pytest.mark.s3
+def test_on_seaweedfs_one_corrupt_chunk_costs_one_get_and_one_warning_then_a_re_put_heals(
+    s3_url: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    base = open_backend(s3_url)
+    data = _rand(500_000, seed=13)
+    Store(base).put(NS, "k", data)
+    path = _chunk(Store(base), "k", 2)
+    good = base.get(path)
+    base.put(path, good[: len(good) - 100])  # what a server that sends fewer bytes without Content-Length gives
+    inner = CountingBackend(base)
+    store = _layered(inner, tmp_path)
+    with caplog.at_level(logging.WARNING, logger="castore"):
+        for _ in range(3):
+            assert store.get(NS, "k") is None
+        assert store.get_file(NS, "k", tmp_path / "out") is False
+    assert inner.gets_of(path) == 1
+    assert _warnings_about(caplog, path.rsplit("/", 1)[1]) == 1
+    assert not store.local.holds(path)  # type: ignore[union-attr]
+    result = Store(base).put(NS, "k", data)  # another process's re-put: the HEAD shows the wrong size
+    assert result.chunks_uploaded == 1
+    assert _layered(CountingBackend(base), tmp_path, "other").get(NS, "k") == data
+    base.close()
