@@ -7,6 +7,7 @@ from __future__ import annotations
 import math
 import os
 import random
+from collections import Counter
 from pathlib import Path
 
 import msgpack
@@ -22,6 +23,20 @@ from castore.format.tree import checked_entries, path_parts
 from castore.store import Store
 
 SCALE = float(os.environ.get("CASTORE_TRIALS_SCALE", "1"))
+TALLY: Counter[str] = Counter()
+
+
+def _tally(outcome: str) -> None:
+    TALLY["examples"] += 1
+    TALLY[outcome] += 1
+
+
+def _run(name: str, fuzz) -> None:  # noqa: ANN001 - a hypothesis-wrapped function
+    """Run one fuzz target and print its one-line summary (pytest -s); any non-CastoreError fails the target."""
+    TALLY.clear()
+    fuzz()
+    print(f"\nfuzz {name}: {TALLY['examples']} examples, {TALLY['accepted']} accepted, {TALLY['typed']} rejected with a "
+          "typed error (a fetch plan: read as an empty plan), 0 other exceptions")
 FUZZ = settings(max_examples=max(1, int(300 * SCALE)), deadline=None, derandomize=True,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much, HealthCheck.function_scoped_fixture])
 
@@ -66,20 +81,22 @@ def _parse(raw: bytes) -> None:
     try:
         m = Manifest.from_bytes(raw, max_size=1 << 40)
     except CastoreError:
+        _tally("typed")
         return
     _consume(m)
+    _tally("accepted")
 
 
 @FUZZ
 @given(st.binary(max_size=400))
-def test_manifest_parser_on_random_bytes(raw: bytes) -> None:
+def _fuzz_manifest_parser_on_random_bytes(raw: bytes) -> None:
     _parse(raw)
 
 
 @FUZZ
 @given(st.sampled_from(range(len(REAL))), st.lists(st.tuples(st.sampled_from(["flip", "set", "cut", "insert", "delete"]),
                                                              st.integers(0, 1 << 20), st.integers(0, 255)), min_size=1, max_size=4))
-def test_manifest_parser_on_mutated_real_manifests(which: int, edits: list[tuple[str, int, int]]) -> None:
+def _fuzz_manifest_parser_on_mutated_real_manifests(which: int, edits: list[tuple[str, int, int]]) -> None:
     raw = bytearray(REAL[which])
     for op, pos, value in edits:
         if not raw:
@@ -101,7 +118,7 @@ def test_manifest_parser_on_mutated_real_manifests(which: int, edits: list[tuple
 @FUZZ
 @given(st.sampled_from(range(len(REAL))), st.lists(st.tuples(st.sampled_from(FIELDS), _WIRE), min_size=1, max_size=4),
        st.sampled_from([None, "chunker", "meta"]))
-def test_manifest_parser_on_real_manifests_with_fields_replaced(which: int, changes: list, nested: str | None) -> None:
+def _fuzz_manifest_parser_on_real_manifests_with_fields_replaced(which: int, changes: list, nested: str | None) -> None:
     doc = msgpack.unpackb(REAL[which], raw=False)
     target = doc.get(nested) if nested and isinstance(doc.get(nested), dict) else doc
     for name, value in changes:
@@ -116,12 +133,14 @@ def test_manifest_parser_on_real_manifests_with_fields_replaced(which: int, chan
 @FUZZ
 @given(st.lists(st.tuples(st.text(max_size=30), st.sampled_from(["f", "d", "l", ""]), st.integers(-1, 1 << 20),
                           st.integers(0, 100)), max_size=8))
-def test_tree_checks_on_random_entries(items: list) -> None:
+def _fuzz_tree_checks_on_random_entries(items: list) -> None:
     entries = [TreeEntry(*item) for item in items]
     try:
         checked = checked_entries(entries)
     except CastoreError:
+        _tally("typed")
         return
+    _tally("accepted")
     for entry, parts in checked:
         assert all(p not in ("", ".", "..") and "\x00" not in p and "/" not in p for p in parts)
         assert not entry.path.startswith("/")
@@ -129,12 +148,14 @@ def test_tree_checks_on_random_entries(items: list) -> None:
 
 @FUZZ
 @given(st.text(max_size=300) | st.binary(max_size=300).map(lambda b: b.decode("latin-1")))
-def test_keys_and_namespaces(value: str) -> None:
+def _fuzz_keys_and_namespaces(value: str) -> None:
     for validate in (keys.validate_key, keys.validate_namespace):
         try:
             ok = validate(value)
         except CastoreError:
+            _tally("typed")
             continue
+        _tally("accepted")
         assert ok == value and len(value.encode()) <= 250
         assert path_parts(value) == (value,)  # a valid name is one safe path component
     try:
@@ -165,7 +186,7 @@ def config_dir(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.Mon
 
 @FUZZ
 @given(st.lists(st.tuples(st.sampled_from(_SETTINGS), _TOML_VALUE), max_size=6) | st.binary(max_size=200))
-def test_config_files(config_dir: Path, content: list | bytes) -> None:
+def _fuzz_config_files(config_dir: Path, content: list | bytes) -> None:
     from castore.config import load_config
 
     if isinstance(content, bytes):
@@ -175,7 +196,9 @@ def test_config_files(config_dir: Path, content: list | bytes) -> None:
     try:
         load_config()
     except CastoreError:
-        pass
+        _tally("typed")
+        return
+    _tally("accepted")
 
 
 @FUZZ
@@ -184,8 +207,31 @@ def test_config_files(config_dir: Path, content: list | bytes) -> None:
                                                 | st.dictionaries(st.sampled_from(["v", "entries", "x"]), inner, max_size=3),
                                                 max_leaves=12).map(lambda doc: __import__("json").dumps(doc).encode())
        | st.integers(1, 100_000).map(lambda n: b"[" * n))
-def test_fetch_plans(raw: bytes) -> None:
+def _fuzz_fetch_plans(raw: bytes) -> None:
     from castore.torch.session import decode_plan  # imports no torch
 
     entries = decode_plan(raw)
+    _tally("accepted" if entries else "typed")  # an unreadable plan is an empty one
     assert isinstance(entries, list) and all(isinstance(c, str) and isinstance(k, str) for c, k in entries)
+
+
+def test_fuzz_fetch_plans() -> None:
+    _run("fetch plans", _fuzz_fetch_plans)
+
+def test_fuzz_manifest_parser_on_random_bytes() -> None:
+    _run("manifest parser on random bytes", _fuzz_manifest_parser_on_random_bytes)
+
+def test_fuzz_manifest_parser_on_mutated_real_manifests() -> None:
+    _run("manifest parser on mutated real manifests", _fuzz_manifest_parser_on_mutated_real_manifests)
+
+def test_fuzz_manifest_parser_on_real_manifests_with_fields_replaced() -> None:
+    _run("manifest parser on real manifests with fields replaced", _fuzz_manifest_parser_on_real_manifests_with_fields_replaced)
+
+def test_fuzz_tree_checks_on_random_entries() -> None:
+    _run("tree checks on random entries", _fuzz_tree_checks_on_random_entries)
+
+def test_fuzz_keys_and_namespaces() -> None:
+    _run("keys and namespaces", _fuzz_keys_and_namespaces)
+
+def test_fuzz_config_files(config_dir: Path) -> None:
+    _run("config files", lambda: _fuzz_config_files(config_dir))
