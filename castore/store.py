@@ -12,7 +12,6 @@ import threading
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import TypeVar
 
 from castore import __version__
@@ -22,6 +21,7 @@ from castore.format import chunking, keys
 from castore.format import codec as codecs
 from castore.format.manifest import INLINE_THRESHOLD, ChunkRef, Manifest, TreeEntry
 from castore.format.tree import checked_entries, safe_mode, scan_tree
+from castore.fsutil import current_umask
 from castore.local_layer import LocalLayer
 
 log = logging.getLogger(__name__)
@@ -364,7 +364,7 @@ class Store:
         """
         self._bump(gets=1)
         target = os.fspath(dest)
-        manifest, written = self._load(namespace, key, lambda m: self._write_blob_file(m, target, progress, keep_mode))
+        _, written = self._load(namespace, key, lambda m: self._write_blob_file(m, target, progress, keep_mode))
         if written is None:
             self._bump(misses=1)
             return False
@@ -390,9 +390,6 @@ class Store:
         extract_tree(manifest, data, dest)
         self._bump(hits=1, bytes_read=len(data))
         return True
-
-    def _stat_for_read(self, namespace: str, key: str) -> Manifest | None:
-        return self._stat_checked(namespace, key)
 
     # -- verified reading: every object checked once, a local copy refetched once, bad objects remembered -------
     def _warn_once(self, path: str, message: str, *args: object) -> None:
@@ -517,9 +514,7 @@ class Store:
                 if keep_mode and isinstance(mode, int) and not isinstance(mode, bool):
                     os.fchmod(f.fileno(), safe_mode(mode))
                 else:
-                    umask = os.umask(0o022)
-                    os.umask(umask)
-                    os.fchmod(f.fileno(), 0o666 & ~umask)
+                    os.fchmod(f.fileno(), 0o666 & ~current_umask())
             os.replace(tmp, dest)
             tmp = ""
             return manifest.size

@@ -3,7 +3,6 @@ one-line summary (pytest -s) that docs/RELIABILITY.md quotes."""
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import multiprocessing
 import os
@@ -164,11 +163,9 @@ def test_corruption_trials_return_no_wrong_bytes_and_cost_at_most_two_gets(s3_ur
                     healer.put_tree(NS, key, e["src"])
                 healer._pool.shutdown()
             check = Store(LocalLayer(CountingBackend(base), layer_dir, 1 << 30), workers=2)
-            if _read(check, key, e, "get" if e["kind"] == "blob" else "tree", tmp_path / f"check-{trial}", tree_expected) == "right":
-                counts["healed_by_put" if where == "bucket" else "right"] += 0
-                counts["healed_by_put"] += where == "bucket"
-            else:
+            if _read(check, key, e, "get" if e["kind"] == "blob" else "tree", tmp_path / f"check-{trial}", tree_expected) != "right":
                 pytest.fail(f"trial {trial}: {key}/{target} ({where}, {how}) did not heal")
+            counts["healed_by_put"] += where == "bucket"
             check._pool.shutdown()
     finally:
         logger.removeHandler(records)
