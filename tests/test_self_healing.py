@@ -291,3 +291,20 @@ def test_on_seaweedfs_one_corrupt_chunk_costs_one_get_and_one_warning_then_a_re_
     assert result.chunks_uploaded == 1
     assert _layered(CountingBackend(base), tmp_path, "other").get(NS, "k") == data
     base.close()
+
+
+def test_cli_get_of_a_corrupt_entry_behind_the_layer_exits_3_with_one_warning(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """castore get used to refetch the chunk ~980 times, then exit 1 with a RecursionError traceback."""
+    bucket = tmp_path / "bucket"
+    store = Store(FileBackend(str(bucket)))
+    store.put(NS, "k", _rand(300_000, seed=14))
+    path = _chunk(store, "k")
+    store.backend.put(path, flip_bit(store.backend.get(path), 9))
+    # A local layer in front of a file:// store, as open_store builds for s3://.
+    monkeypatch.setattr("castore.open_store", lambda *a, **kw: _layered(CountingBackend(FileBackend(str(bucket))), tmp_path))
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(main, ["--url", f"file://{bucket}", "get", NS, "k", "out"])
+    assert result.exit_code == 3, result.output
+    assert "Traceback" not in result.output
+    assert result.output.count(path.rsplit("/", 1)[1]) == 1
+    assert not (tmp_path / "out").exists()
