@@ -21,6 +21,7 @@ import fcntl
 import logging
 import os
 import threading
+import time
 import zlib
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -35,6 +36,7 @@ log = logging.getLogger(__name__)
 
 LOCK_STRIPES = 1024
 EVICT_TO = 0.8  # after eviction the layer holds at most this fraction of its bound
+STALE_TMP_SECONDS = 3600  # an unfinished temporary file this old is a killed writer's: eviction removes it
 T = TypeVar("T")
 #: A check of fetched bytes: returns what the caller wants from them (decoded bytes) or raises FormatError.
 #: The flag says whether the bytes came from this node's disk (the caller may check those more cheaply).
@@ -240,16 +242,23 @@ class LocalLayer(Backend):
             self._write_usage(0)
 
     # -- size bound ------------------------------------------------------------------------------
-    def _scan(self) -> list[tuple[str, int, float]]:
+    def _scan(self, *, remove_stale: bool = False) -> list[tuple[str, int, float]]:
         files = []
+        stale_before = time.time() - STALE_TMP_SECONDS
         for dirpath, _, filenames in os.walk(self._objects):
             for name in filenames:
-                if name.startswith(".tmp-"):
-                    continue  # a write in flight: its writer counts it once it lands
                 full = os.path.join(dirpath, name)
                 try:
                     st = os.stat(full)
                 except FileNotFoundError:
+                    continue
+                if name.startswith(".tmp-"):
+                    # A write in flight (its writer counts it once it lands), or the leftover of a killed one.
+                    if remove_stale and st.st_mtime < stale_before:
+                        try:
+                            os.unlink(full)
+                        except FileNotFoundError:
+                            pass
                     continue
                 files.append((full, st.st_size, st.st_mtime))
         return files
@@ -305,7 +314,7 @@ class LocalLayer(Backend):
             if current is not None and current <= self.max_bytes:
                 return  # another process evicted while we waited
             with self._usage_lock():  # writers wait: no update is lost between the scan and the new total
-                files = sorted(self._scan(), key=lambda f: f[2])
+                files = sorted(self._scan(remove_stale=True), key=lambda f: f[2])
                 total = sum(size for _, size, _ in files)
                 target = int(self.max_bytes * EVICT_TO)
                 removed = 0

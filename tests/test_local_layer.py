@@ -270,3 +270,16 @@ def test_the_size_bound_holds_across_processes_sharing_one_layer(tmp_path: Path)
     second.forget(paths[-1])
     held = first.usage()[1]
     assert int((tmp_path / "layer" / "usage").read_text()) == held  # the shared counter follows removals too
+
+
+def test_eviction_removes_what_killed_writers_left(inner: CountingBackend, tmp_path: Path) -> None:
+    layer = LocalLayer(inner, str(tmp_path / "layer"), 50_000)
+    stale = Path(layer.local_path("castore/v1/chunks/aa/.tmp-killed"))
+    fresh = Path(layer.local_path("castore/v1/chunks/aa/.tmp-in-flight"))
+    stale.parent.mkdir(parents=True)
+    stale.write_bytes(b"x" * 1000)
+    fresh.write_bytes(b"y" * 1000)
+    os.utime(stale, (time.time() - 7200, time.time() - 7200))
+    inner.inner.put("castore/v1/big", _rand(60_000))
+    layer.get("castore/v1/big")  # over the bound: evicts
+    assert not stale.exists() and fresh.exists()
