@@ -432,6 +432,11 @@ class Store:
             if codecs.sha256(decoded) != digest:
                 raise CorruptChunkError(f"chunk {digest.hex()[:16]}… does not match its name")
 
+    def lookup(self, namespace: str, key: str) -> Manifest | None:
+        """The key's manifest as reads see it: None on a miss and for an unusable manifest (warned about once; a
+        damaged local copy is dropped and the bucket's read instead). stat() raises for an unusable one."""
+        return self._stat_checked(namespace, key)
+
     def _stat_checked(self, namespace: str, key: str) -> Manifest | None:
         """The manifest, or None on a miss. An unusable local copy is dropped and the bucket's read once; an
         unusable bucket copy is a miss, warned about once, and not asked for again by this process."""

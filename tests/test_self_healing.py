@@ -308,3 +308,20 @@ def test_cli_get_of_a_corrupt_entry_behind_the_layer_exits_3_with_one_warning(tm
     assert "Traceback" not in result.output
     assert result.output.count(path.rsplit("/", 1)[1]) == 1
     assert not (tmp_path / "out").exists()
+
+
+def test_cli_get_heals_a_damaged_local_manifest_in_one_invocation(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    bucket = tmp_path / "bucket"
+    data = _rand(100_000, seed=15)
+    Store(FileBackend(str(bucket))).put(NS, "k", data)
+    store = _layered(CountingBackend(FileBackend(str(bucket))), tmp_path)
+    assert store.get(NS, "k") == data
+    Path(store.local.local_path(keys.manifest_path(NS, "k"))).write_bytes(b"\x00")  # type: ignore[union-attr]
+    monkeypatch.setattr("castore.open_store", lambda *a, **kw: _layered(CountingBackend(FileBackend(str(bucket))), tmp_path))
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(main, ["--url", f"file://{bucket}", "get", NS, "k", "out"])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "out").read_bytes() == data
+    Store(FileBackend(str(bucket))).backend.put(keys.manifest_path(NS, "k"), b"\xc1")
+    Path(store.local.local_path(keys.manifest_path(NS, "k"))).unlink()  # type: ignore[union-attr]
+    assert CliRunner().invoke(main, ["--url", f"file://{bucket}", "get", NS, "k", "out2"]).exit_code == 3

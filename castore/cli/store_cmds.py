@@ -115,8 +115,10 @@ def get(ctx: click.Context, namespace: str, key: str, dest: str | None, as_json:
     validate_namespace(namespace)
     validate_key(key)  # a valid key is a safe file name: no separator, no '..', at most 250 bytes
     store = open_cli_store(ctx)
-    manifest = store.stat(namespace, key)
+    manifest = store.lookup(namespace, key)
     if manifest is None:
+        if store.contains(namespace, key):
+            raise VerificationFailed(f"{namespace}/{key}: the stored manifest is unusable (see warnings)")
         raise Miss(f"{namespace}/{key}: no such key")
     keep_mode = dest is not None
     if dest is None:
