@@ -29,6 +29,8 @@ log = logging.getLogger(__name__)
 DEFAULT_MAX_BLOB_SIZE = 64 << 30
 ProgressFn = Callable[[int], None]
 _T = TypeVar("_T")
+# One warning per bad chunk per process, naming the entry that needed it (others that share it miss silently).
+BAD_CHUNK = "castore: chunk %s %s; %s (and any entry that shares it) is treated as a miss"
 Sink = Callable[[bytes | memoryview], object]
 
 
@@ -322,8 +324,9 @@ class Store:
         """Fetch many keys at once: manifests in parallel, then every chunk of every key in parallel."""
         wanted = list(dict.fromkeys(keys_))
         manifests = dict(zip(wanted, self._pool.map(lambda k: self._stat_checked(namespace, k), wanted)))
-        unique = {ref.digest: ref for m in manifests.values() if m is not None and m.inline is None for ref in m.chunks}
-        fetched = dict(zip(unique, self._pool.map(lambda ref: self._fetch_chunk(ref, strict=True), unique.values())))
+        unique = {ref.digest: (ref, f"{namespace}/{k}") for k, m in manifests.items() if m is not None and m.inline is None
+                  for ref in m.chunks}
+        fetched = dict(zip(unique, self._pool.map(lambda job: self._fetch_chunk(job[0], True, job[1]), unique.values())))
         out: dict[str, bytes | None] = {}
         for k in wanted:
             m = manifests[k]
@@ -351,8 +354,8 @@ class Store:
             return 0
         wanted = list(dict.fromkeys(keys_))
         manifests = [m for m in self._pool.map(lambda k: self._stat_checked(namespace, k), wanted) if m is not None]
-        refs = list({ref.digest: ref for m in manifests if m.inline is None for ref in m.chunks}.values())
-        held = dict(zip((r.digest for r in refs), self._pool.map(self._prefetch_chunk, refs)))
+        jobs = list({ref.digest: (ref, f"{namespace}/{m.key}") for m in manifests if m.inline is None for ref in m.chunks}.values())
+        held = dict(zip((ref.digest for ref, _ in jobs), self._pool.map(lambda job: self._prefetch_chunk(*job), jobs)))
         return sum(1 for m in manifests if m.inline is not None or all(held[r.digest] for r in m.chunks))
 
     def get_file(self, namespace: str, key: str, dest: str | os.PathLike[str], *, progress: ProgressFn | None = None,
@@ -555,6 +558,7 @@ class Store:
         False: a chunk is unusable, or (strict) the digest fails. None: the digest failed without strict
         verification of each chunk (a local copy may be damaged): the caller retries strictly."""
         refs = manifest.chunks
+        owner = f"{manifest.namespace}/{manifest.key}"
         covered = len(refs) == 1 and refs[0].digest == manifest.digest  # one chunk: its check is the blob's
         hasher = None if covered else hashlib.sha256()
         strict = strict or covered
@@ -569,7 +573,7 @@ class Store:
             if ref is not None:
                 future = in_flight.get(ref.digest)
                 if future is None:
-                    future = in_flight[ref.digest] = self._pool.submit(self._fetch_chunk, ref, strict)
+                    future = in_flight[ref.digest] = self._pool.submit(self._fetch_chunk, ref, strict, owner)
                 uses[ref.digest] += 1
                 pending.append((ref.digest, future))
 
@@ -583,7 +587,8 @@ class Store:
                     del in_flight[digest]
                 part = future.result()
                 if part is None:
-                    self._corrupt(manifest, "a chunk is missing or corrupt")
+                    # The chunk's own warning named this entry: no second line for the same damage.
+                    log.debug("castore: %s is incomplete or corrupt (a chunk is missing or corrupt)", owner)
                     return False
                 submit_next()
                 if hasher is not None:
@@ -614,7 +619,7 @@ class Store:
             return payload  # no copy of raw chunks
         return codecs.decompress(codec, payload, ref.size)
 
-    def _fetch_chunk(self, ref: ChunkRef, strict: bool) -> bytes | memoryview | None:
+    def _fetch_chunk(self, ref: ChunkRef, strict: bool, owner: str) -> bytes | memoryview | None:
         """A decoded chunk, or None (missing or corrupt: warned about once and remembered). Bytes fetched from the
         bucket into the local layer are always verified before it keeps them; others only when strict (the
         caller checks the blob digest). A local copy that fails is dropped and the bucket asked once. BackendError
@@ -630,13 +635,13 @@ class Store:
                 obj = self.backend.get(path)
                 part = None if obj is None else self._decode(obj, ref, strict)
         except FormatError as exc:
-            self._mark_bad(path, corrupt=True, message="castore: chunk %s failed verification: %s", args=(ref.digest.hex(), exc))
+            self._mark_bad(path, corrupt=True, message=BAD_CHUNK, args=(ref.digest.hex(), f"failed verification: {exc}", owner))
             return None
         if part is None:
-            self._mark_bad(path, corrupt=False, message="castore: chunk %s is missing from %s", args=(ref.digest.hex(), self.url))
+            self._mark_bad(path, corrupt=False, message=BAD_CHUNK, args=(ref.digest.hex(), f"is missing from {self.url}", owner))
         return part
 
-    def _prefetch_chunk(self, ref: ChunkRef) -> bool:
+    def _prefetch_chunk(self, ref: ChunkRef, owner: str) -> bool:
         """Bring one chunk into the local layer, verified; a copy already there is left to the read's check."""
         assert self.local is not None
         path = keys.chunk_path(ref.digest)
@@ -651,10 +656,10 @@ class Store:
         try:
             got = self.local.get_checked(path, check)
         except FormatError as exc:
-            self._mark_bad(path, corrupt=True, message="castore: chunk %s failed verification: %s", args=(ref.digest.hex(), exc))
+            self._mark_bad(path, corrupt=True, message=BAD_CHUNK, args=(ref.digest.hex(), f"failed verification: {exc}", owner))
             return False
         if got is None:
-            self._mark_bad(path, corrupt=False, message="castore: chunk %s is missing from %s", args=(ref.digest.hex(), self.url))
+            self._mark_bad(path, corrupt=False, message=BAD_CHUNK, args=(ref.digest.hex(), f"is missing from {self.url}", owner))
             return False
         return True
 

@@ -68,6 +68,7 @@ def test_bad_bucket_chunk_behind_the_layer_is_one_get_one_warning_then_no_reques
     assert sum(inner.calls.values()) == asked, "the process asked again for an entry it knows is bad"
     assert not store.local.holds(path)  # type: ignore[union-attr]
     assert _warnings_about(caplog, path.rsplit("/", 1)[1]) == 1
+    assert _warnings_about(caplog, "") == 1
     assert store.stats.corrupt == 1
     assert not (tmp_path / "out").exists()
     # A re-put by this process heals the bucket (the chunk exists, but this process found it bad).
@@ -286,6 +287,7 @@ def test_on_seaweedfs_one_corrupt_chunk_costs_one_get_and_one_warning_then_a_re_
         assert store.get_file(NS, "k", tmp_path / "out") is False
     assert inner.gets_of(path) == 1
     assert _warnings_about(caplog, path.rsplit("/", 1)[1]) == 1
+    assert _warnings_about(caplog, "") == 1, "one warning in all, naming the chunk and the entry"
     assert not store.local.holds(path)  # type: ignore[union-attr]
     result = Store(base).put(NS, "k", data)  # another process's re-put: the HEAD shows the wrong size
     assert result.chunks_uploaded == 1
