@@ -37,7 +37,7 @@ def _run(name: str, fuzz) -> None:  # noqa: ANN001 - a hypothesis-wrapped functi
     fuzz()
     print(f"\nfuzz {name}: {TALLY['examples']} examples, {TALLY['accepted']} accepted, {TALLY['typed']} rejected with a "
           "typed error (a fetch plan: read as an empty plan), 0 other exceptions")
-FUZZ = settings(max_examples=max(1, int(300 * SCALE)), deadline=None, derandomize=True,
+FUZZ = settings(max_examples=max(1, int(300 * SCALE)), deadline=None, derandomize=True, database=None,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much, HealthCheck.function_scoped_fixture])
 
 
