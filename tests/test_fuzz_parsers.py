@@ -35,8 +35,9 @@ def _run(name: str, fuzz) -> None:  # noqa: ANN001 - a hypothesis-wrapped functi
     """Run one fuzz target and print its one-line summary (pytest -s); any non-CastoreError fails the target."""
     TALLY.clear()
     fuzz()
-    print(f"\nfuzz {name}: {TALLY['examples']} examples, {TALLY['accepted']} accepted, {TALLY['typed']} rejected with a "
-          "typed error (a fetch plan: read as an empty plan), 0 other exceptions")
+    rejected = "read as an empty plan" if name == "fetch plans" else "rejected with a typed error"
+    print(f"\nfuzz {name}: {TALLY['examples']} examples, {TALLY['accepted']} accepted, {TALLY['typed']} {rejected}, "
+          "0 other exceptions")
 FUZZ = settings(max_examples=max(1, int(300 * SCALE)), deadline=None, derandomize=True, database=None,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much, HealthCheck.function_scoped_fixture])
 
