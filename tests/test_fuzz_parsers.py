@@ -165,6 +165,45 @@ def _fuzz_keys_and_namespaces(value: str) -> None:
         pass
 
 
+_NAMES = st.sampled_from(["a", "b", "link", ".", "..", "", "a/b", "link/x", "../out", "/abs", "a\x00", "x" * 256, "dir/f"])
+
+
+@FUZZ
+@given(st.lists(st.tuples(st.lists(_NAMES, min_size=1, max_size=3).map("/".join), st.sampled_from(["f", "d"]),
+                          st.integers(0, 0o7777), st.binary(max_size=20)), max_size=6))
+def _fuzz_extract_tree_into_a_destination_with_a_symlink(items: list) -> None:
+    """Whatever the entries, nothing is written outside DEST, nothing through the symlink in it, and no mode is
+    unsafe; an entry that cannot be restored safely is a typed error raised before anything is written."""
+    import hashlib
+    import shutil
+    import stat as stat_
+    import tempfile
+
+    from castore.store import extract_tree
+
+    sandbox = Path(tempfile.mkdtemp(prefix="castore-fuzz-"))
+    try:
+        outside, dest = sandbox / "outside", sandbox / "dest"
+        outside.mkdir(mode=0o700)
+        dest.mkdir()
+        (dest / "link").symlink_to(outside)
+        blob = b"".join(content for _, typ, _, content in items if typ == "f")
+        entries = [TreeEntry(path, typ, mode, len(content) if typ == "f" else 0) for path, typ, mode, content in items]
+        m = Manifest(namespace="ns", key="k", size=len(blob), digest=hashlib.sha256(blob).digest(), kind="tree", files=entries)
+        try:
+            extract_tree(m, blob, dest)
+            _tally("accepted")
+        except CastoreError:
+            _tally("typed")
+            assert sorted(p.name for p in dest.iterdir()) == ["link"], "an error after something was written"
+        assert list(outside.iterdir()) == [] and stat_.S_IMODE(outside.stat().st_mode) == 0o700
+        for p in dest.rglob("*"):
+            if not p.is_symlink():
+                assert stat_.S_IMODE(p.stat().st_mode) & 0o7022 == 0
+    finally:
+        shutil.rmtree(sandbox)
+
+
 _TOML_VALUE = st.one_of(
     st.integers(-(1 << 70), 1 << 70).map(str), st.floats(allow_nan=True).map(lambda f: "nan" if math.isnan(f) else repr(f).replace("inf", "inf")),
     st.text(max_size=20).map(lambda s: '"' + s.replace("\\", "\\\\").replace('"', '\\"') + '"'),
@@ -207,7 +246,10 @@ def _fuzz_config_files(config_dir: Path, content: list | bytes) -> None:
                                                 lambda inner: st.lists(inner, max_size=4)
                                                 | st.dictionaries(st.sampled_from(["v", "entries", "x"]), inner, max_size=3),
                                                 max_leaves=12).map(lambda doc: __import__("json").dumps(doc).encode())
-       | st.integers(1, 100_000).map(lambda n: b"[" * n))
+       | st.integers(1, 100_000).map(lambda n: b"[" * n)
+       | st.tuples(st.sampled_from([1, 2, "1", None]), st.lists(st.lists(_WIRE.filter(lambda v: not isinstance(v, bytes)),
+                                                                          max_size=3), max_size=6))
+       .map(lambda t: __import__("json").dumps({"v": t[0], "entries": t[1]}, default=str).encode()))
 def _fuzz_fetch_plans(raw: bytes) -> None:
     from castore.torch.session import decode_plan  # imports no torch
 
@@ -236,3 +278,7 @@ def test_fuzz_keys_and_namespaces() -> None:
 
 def test_fuzz_config_files(config_dir: Path) -> None:
     _run("config files", lambda: _fuzz_config_files(config_dir))
+
+
+def test_fuzz_extract_tree_into_a_destination_with_a_symlink() -> None:
+    _run("extract tree into a destination with a symlink", _fuzz_extract_tree_into_a_destination_with_a_symlink)
