@@ -157,7 +157,7 @@ def _read_table(path: Path, table: str | None) -> dict[str, Any]:
         return {}
     try:
         doc: Any = tomllib.loads(path.read_text())
-    except (OSError, tomllib.TOMLDecodeError) as exc:
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
         raise ConfigError(f"cannot read {path}: {exc}") from exc
     for part in (table or "").split(".") if table else []:
         doc = doc.get(part, {}) if isinstance(doc, dict) else {}
@@ -182,7 +182,7 @@ def load_config(overrides: dict[str, Any] | None = None, *, env: dict[str, str] 
             if name in values:
                 try:
                     setattr(config, name, parse(values[name]))
-                except (TypeError, ValueError) as exc:
+                except (TypeError, ValueError, OverflowError) as exc:  # int(inf) overflows
                     raise ConfigError(f"{name} from {source}: {exc}") from exc
                 config.sources[name] = source + (f" {ENV_PREFIX}{name.upper()}" if source == "environment" else "")
                 break

@@ -33,6 +33,11 @@ class UntrustedEntryError(FormatError):
     trusted key, a signature that does not verify, or an entry moved from the key it was written for."""
 
 
+class UnsafeTreeError(FormatError):
+    """A stored directory tree cannot be restored safely (an entry escapes DEST, is duplicated, crosses a
+    symlink, ...). Raised before anything is written."""
+
+
 class CorruptChunkError(FormatError):
     """A chunk's bytes do not match its digest or declared size."""
 

@@ -2,23 +2,25 @@
 
 from __future__ import annotations
 
+import collections
+import concurrent.futures
 import hashlib
-import io
-import itertools
 import logging
 import os
+import tempfile
 import threading
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from typing import TypeVar
 
 from castore.backends.base import Backend
-from castore.errors import CorruptChunkError, FormatError, ReadOnlyError, UntrustedEntryError
+from castore.errors import CorruptChunkError, FormatError, ReadOnlyError, UnsafeTreeError, UntrustedEntryError
 from castore.format import chunking, keys
 from castore.format import codec as codecs
 from castore.format.manifest import INLINE_THRESHOLD, ChunkRef, Manifest, TreeEntry, decode_envelope, encode_envelope
-from castore.format.tree import safe_relpath, scan_tree
+from castore.format.tree import checked_entries, safe_mode, scan_tree
+from castore.fsutil import current_umask
 from castore.local_layer import LocalLayer
 from castore.signing import SecretKey, TrustPolicy, Verdict, unchecked
 from castore.version import __version__
@@ -27,6 +29,10 @@ log = logging.getLogger(__name__)
 
 DEFAULT_MAX_BLOB_SIZE = 64 << 30
 ProgressFn = Callable[[int], None]
+_T = TypeVar("_T")
+# One warning per bad chunk per process, naming the entry that needed it (others that share it miss silently).
+BAD_CHUNK = "castore: chunk %s %s; %s (and any entry that shares it) is treated as a miss"
+Sink = Callable[[bytes | memoryview], object]
 
 
 @dataclass
@@ -57,7 +63,10 @@ class VerifyReport:
     manifests: int = 0
     chunks: int = 0
     bytes: int = 0
-    bad: list[str] = field(default_factory=list)
+    bad: list[str] = field(default_factory=list)  # every problem found
+    repaired: list[str] = field(default_factory=list)  # chunk objects uploaded again from a valid local copy
+    removed: list[str] = field(default_factory=list)  # objects deleted: beyond repair, or needing what was
+    unresolved: int = 0  # problems a repair could not fix (without --repair: every problem)
 
     @property
     def ok(self) -> bool:
@@ -103,13 +112,32 @@ class Store:
         self.read_only = read_only
         self.max_blob_size = max_blob_size
         self.local = backend if isinstance(backend, LocalLayer) else None
-        self._pool = ThreadPoolExecutor(max_workers=workers or backend.max_concurrency, thread_name_prefix="castore")
+        self._workers = workers or backend.max_concurrency
+        self._pool = ThreadPoolExecutor(max_workers=self._workers, thread_name_prefix="castore")
         self.stats = StoreStats()
         self._stats_lock = threading.Lock()
+        # Objects (chunk and manifest paths) this process found corrupt or missing: later reads miss without a
+        # request, and each is warned about once. A put of the same object by this process clears it.
+        self._bad: set[str] = set()
+        self._warned: set[str] = set()
+        self._bad_lock = threading.Lock()
+        if self.local is not None:
+            self.local.admission_check = self._admission_check
 
     @property
     def url(self) -> str:
         return self.backend.url
+
+    @property
+    def _bucket(self) -> Backend:
+        """The backend behind the local layer: what verification and repair look at."""
+        return self.local.inner if self.local is not None else self.backend
+
+    @property
+    def bad_objects(self) -> frozenset[str]:
+        """Object paths this process found corrupt or missing and no longer asks for."""
+        with self._bad_lock:
+            return frozenset(self._bad)
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)
@@ -148,7 +176,9 @@ class Store:
         Without overwrite, a key that is already published keeps its manifest (first writer wins) and
         ``published`` is False.
         """
-        return self._put(namespace, key, memoryview(data).cast("B"), kind="blob", meta=meta, overwrite=overwrite, progress=progress)
+        view = memoryview(data).cast("B")
+        return self._publish(namespace, key, overwrite,
+                             lambda ow: self._put(namespace, key, view, kind="blob", meta=meta, overwrite=ow, progress=progress))
 
     def put_file(self, namespace: str, key: str, path: str | os.PathLike[str], **kw: object) -> PutResult:
         with open(path, "rb") as f:
@@ -177,7 +207,38 @@ class Store:
                 entry = TreeEntry(entry.path, "f", entry.mode, len(content))  # the size we read, not the one we saw
                 blob += content
             entries.append(entry)
-        return self._put(namespace, key, memoryview(blob), kind="tree", files=entries, meta=meta, overwrite=overwrite, progress=progress)
+        return self._publish(namespace, key, overwrite, lambda ow: self._put(
+            namespace, key, memoryview(blob), kind="tree", files=entries, meta=meta, overwrite=ow, progress=progress))
+
+    def _publish(self, namespace: str, key: str, overwrite: bool, put: Callable[[bool], PutResult]) -> PutResult:
+        """Run a put; when first-writer-wins kept a published manifest that is unusable (torn, corrupt), replace it:
+        a re-put heals the key."""
+        result = put(overwrite)
+        if not result.published and not overwrite and self._published_manifest_unusable(namespace, key):
+            log.warning("castore: %s/%s: the published manifest is unusable; replacing it", namespace, key)
+            result = put(True)
+        self._forgive(keys.manifest_path(namespace, key))
+        return result
+
+    def _published_manifest_unusable(self, namespace: str, key: str) -> bool:
+        """Whether the manifest that won the conditional create is one this store's readers would refuse: torn,
+        corrupt, or (where readers check signatures) not trusted, as a manifest planted without the key is."""
+        raw = self._bucket.get(keys.manifest_path(namespace, key))
+        if raw is None:
+            return True  # removed since the conditional create failed
+        try:
+            if self.trust is not None and not self.trust.check(decode_envelope(raw)).trusted:
+                return True
+            self._parse_manifest(raw, namespace, key)
+        except FormatError:
+            return True
+        return False
+
+    def _parse_manifest(self, raw: bytes, namespace: str, key: str) -> Manifest:
+        manifest = Manifest.from_bytes(raw, max_size=self.max_blob_size)
+        if (manifest.namespace, manifest.key) != (namespace, key):
+            raise FormatError(f"manifest at {namespace}/{key} describes {manifest.namespace}/{manifest.key}")
+        return manifest
 
     def _put(self, namespace, key, view, *, kind, meta, overwrite, progress, files=None) -> PutResult:  # noqa: ANN001
         keys.validate_namespace(namespace)
@@ -220,14 +281,39 @@ class Store:
         digest = codecs.sha256(piece)
         path = keys.chunk_path(digest)
         obj, codec = codecs.encode_chunk(piece)
-        if not self.backend.exists(path):
+        ref = ChunkRef(digest, len(piece), len(obj), codec)
+        if self._chunk_needs_upload(path, obj, ref):
             self.backend.put(path, obj)
+            self._forgive(path)
             with self._stats_lock:
                 result.chunks_uploaded += 1
                 result.bytes_uploaded += len(obj)
         if progress:
             progress(len(piece))
-        return ChunkRef(digest, len(piece), len(obj), codec)
+        return ref
+
+    def _chunk_needs_upload(self, path: str, obj: bytes, ref: ChunkRef) -> bool:
+        """Whether the bucket lacks a valid copy of this chunk. A HEAD decides when the object is missing, or has
+        our size and (where the backend reports one) our MD5; otherwise the object is read and verified, and a
+        different but valid encoding of the chunk is kept (two writers never replace each other's copy)."""
+        with self._bad_lock:
+            if path in self._bad:
+                return True  # this process found it corrupt or missing on read
+        info = self.backend.head(path)
+        if info is None:
+            return True
+        if info.size == len(obj) and (info.md5 is None or info.md5 == hashlib.md5(obj, usedforsecurity=False).hexdigest()):
+            return False
+        existing = self._bucket.get(path)
+        if existing is None:
+            return True
+        try:
+            codecs.decode_chunk(existing, ref.digest, ref.size)
+        except FormatError as exc:
+            log.warning("castore: chunk %s in %s is corrupt (%s); uploading it again", ref.digest.hex(), self.url, exc)
+            self._bump(corrupt=1)
+            return True
+        return False
 
     # -- reading ---------------------------------------------------------------------------------
     def stat(self, namespace: str, key: str) -> Manifest | None:
@@ -285,21 +371,17 @@ class Store:
     def get(self, namespace: str, key: str, *, progress: ProgressFn | None = None) -> bytes | None:
         """The blob's bytes, or None on a miss. A corrupt or incomplete entry is a miss plus a warning."""
         self._bump(gets=1)
-        manifest = self._stat_for_read(namespace, key)
-        if manifest is None:
-            self._bump(misses=1)
-            return None
-        data = self._read_blob(manifest, progress)
+        _, data = self._load(namespace, key, lambda m: self._read_blob(m, progress))
         self._bump(**({"hits": 1, "bytes_read": len(data)} if data is not None else {"misses": 1}))
-        return bytes(data) if data is not None else None
+        return data
 
     def get_many(self, namespace: str, keys_: Iterable[str]) -> dict[str, bytes | None]:
         """Fetch many keys at once: manifests in parallel, then every chunk of every key in parallel."""
         wanted = list(dict.fromkeys(keys_))
-        manifests = dict(zip(wanted, self._pool.map(lambda k: self._stat_for_read(namespace, k), wanted)))
-        jobs = [(k, ref) for k, m in manifests.items() if m is not None and m.inline is None for ref in m.chunks]
-        unique = {ref.digest: ref for _, ref in jobs}
-        fetched = dict(zip(unique, self._pool.map(self._fetch_chunk_or_none, unique.values())))
+        manifests = dict(zip(wanted, self._pool.map(lambda k: self._stat_checked(namespace, k), wanted)))
+        unique = {ref.digest: (ref, f"{namespace}/{k}") for k, m in manifests.items() if m is not None and m.inline is None
+                  for ref in m.chunks}
+        fetched = dict(zip(unique, self._pool.map(lambda job: self._fetch_chunk(job[0], True, job[1]), unique.values())))
         out: dict[str, bytes | None] = {}
         for k in wanted:
             m = manifests[k]
@@ -309,68 +391,156 @@ class Store:
                     data = self._inline_data(m)
                 else:
                     parts = [fetched[ref.digest] for ref in m.chunks]
-                    data = b"".join(parts) if all(p is not None for p in parts) else None  # type: ignore[arg-type]
-                    if data is not None and hashlib.sha256(data).digest() != m.digest:
-                        self._corrupt(m, "blob digest mismatch")
-                        data = None
+                    if all(p is not None for p in parts):
+                        data = b"".join(parts)  # type: ignore[arg-type]
+                        if hashlib.sha256(data).digest() != m.digest:
+                            data = None
+                if data is None:  # the single-key path retries a local manifest once, then remembers the miss
+                    _, data = self._load(namespace, k, self._read_blob)
             out[k] = data
             self._bump(gets=1, **({"hits": 1, "bytes_read": len(data)} if data is not None else {"misses": 1}))
         return out
 
     def prefetch(self, namespace: str, keys_: Iterable[str]) -> int:
-        """Bring the objects of many keys into the local layer, in parallel, without decoding them: a later get
-        reads (and verifies) them locally. Returns how many keys are now held; 0 without a local layer."""
+        """Bring the objects of many keys into the local layer, in parallel: a later get reads them locally.
+        What is fetched is verified before the layer admits it. Returns how many keys are now held; 0 without
+        a local layer."""
         if self.local is None:
             return 0
         wanted = list(dict.fromkeys(keys_))
-        manifests = [m for m in self._pool.map(lambda k: self._stat_for_read(namespace, k), wanted) if m is not None]
-        paths = list(dict.fromkeys(keys.chunk_path(ref.digest) for m in manifests if m.inline is None for ref in m.chunks))
-        held = dict(zip(paths, self._pool.map(lambda p: self.backend.get(p) is not None, paths)))
-        return sum(1 for m in manifests if m.inline is not None or all(held[keys.chunk_path(r.digest)] for r in m.chunks))
+        manifests = [m for m in self._pool.map(lambda k: self._stat_checked(namespace, k), wanted) if m is not None]
+        jobs = list({ref.digest: (ref, f"{namespace}/{m.key}") for m in manifests if m.inline is None for ref in m.chunks}.values())
+        held = dict(zip((ref.digest for ref, _ in jobs), self._pool.map(lambda job: self._prefetch_chunk(*job), jobs)))
+        return sum(1 for m in manifests if m.inline is not None or all(held[r.digest] for r in m.chunks))
 
-    def get_file(self, namespace: str, key: str, dest: str | os.PathLike[str], *, progress: ProgressFn | None = None) -> bool:
-        """Write the blob to dest atomically. False on a miss."""
+    def get_file(self, namespace: str, key: str, dest: str | os.PathLike[str], *, progress: ProgressFn | None = None,
+                 keep_mode: bool = True) -> bool:
+        """Write the blob to dest atomically, streamed (never held whole in memory). False on a miss.
+
+        With keep_mode the file gets the stored mode without setuid/setgid/sticky and group/world write bits;
+        without it, the mode a new file gets (0o666 less the umask).
+        """
         self._bump(gets=1)
-        manifest = self._stat_for_read(namespace, key)
-        data = self._read_blob(manifest, progress) if manifest is not None else None
-        if data is None:
+        target = os.fspath(dest)
+        _, written = self._load(namespace, key, lambda m: self._write_blob_file(m, target, progress, keep_mode))
+        if written is None:
             self._bump(misses=1)
             return False
-        from castore.fsutil import write_atomic
-
-        write_atomic(os.fspath(dest), data)
-        mode = manifest.meta.get("mode") if manifest else None
-        if isinstance(mode, int):
-            os.chmod(dest, mode & 0o7777)
-        self._bump(hits=1, bytes_read=len(data))
+        self._bump(hits=1, bytes_read=written)
         return True
 
     def get_tree(self, namespace: str, key: str, dest: str | os.PathLike[str], *, progress: ProgressFn | None = None) -> bool:
-        """Recreate a stored directory tree under dest (files with their modes). False on a miss."""
+        """Recreate a stored directory tree under dest (see extract_tree). False on a miss.
+
+        Every entry is checked before anything is written; an unsafe entry raises UnsafeTreeError."""
         self._bump(gets=1)
-        manifest = self._stat_for_read(namespace, key)
-        if manifest is None or manifest.kind != "tree":
-            self._bump(misses=1)
-            if manifest is not None:
-                raise FormatError(f"{namespace}/{key} is a {manifest.kind}, not a tree")
-            return False
-        data = self._read_blob(manifest, progress)
-        if data is None:
+
+        def read(m: Manifest) -> bytes | None:
+            if m.kind != "tree":
+                raise FormatError(f"{namespace}/{key} is a {m.kind}, not a tree")
+            checked_entries(m.files)  # before any chunk is fetched
+            return self._read_blob(m, progress)
+
+        manifest, data = self._load(namespace, key, read)
+        if manifest is None or data is None:
             self._bump(misses=1)
             return False
         extract_tree(manifest, data, dest)
         self._bump(hits=1, bytes_read=len(data))
         return True
 
-    def _stat_for_read(self, namespace: str, key: str) -> Manifest | None:
+    # -- verified reading: every object checked once, a local copy refetched once, bad objects remembered -------
+    def _warn_once(self, path: str, message: str, *args: object) -> None:
+        with self._bad_lock:
+            if path in self._warned:
+                return
+            self._warned.add(path)
+        log.warning(message, *args)
+
+    def _mark_bad(self, path: str, *, corrupt: bool, message: str | None = None, args: tuple[object, ...] = ()) -> None:
+        with self._bad_lock:
+            new = path not in self._bad
+            self._bad.add(path)
+        if new and corrupt:
+            self._bump(corrupt=1)
+        if message is not None:
+            self._warn_once(path, message, *args)
+
+    def _is_bad(self, path: str) -> bool:
+        with self._bad_lock:
+            return path in self._bad
+
+    def _forgive(self, path: str) -> None:
+        """This process wrote the object again: read it again."""
+        with self._bad_lock:
+            self._bad.discard(path)
+            self._warned.discard(path)
+
+    def _admission_check(self, path: str, data: bytes) -> None:
+        """What the local layer runs on bytes fetched by a plain get before keeping them (FormatError: not kept)."""
+        prefix = keys.ROOT + "/manifests/"
+        if path.startswith(prefix):
+            namespace, _, key = path[len(prefix) :].partition("/")
+            self._parse_manifest(data, namespace, key)
+            return
+        digest = keys.parse_chunk_path(path)
+        if digest is not None:
+            codec = codecs.codec_of(data)
+            decoded = codecs.decompress_at_most(codec, memoryview(data)[codecs.HEADER_SIZE :], chunking.MAX_CHUNK_SIZE)
+            if codecs.sha256(decoded) != digest:
+                raise CorruptChunkError(f"chunk {digest.hex()[:16]}… does not match its name")
+
+    def lookup(self, namespace: str, key: str) -> Manifest | None:
+        """The key's manifest as reads see it: None on a miss and for an unusable manifest (warned about once; a
+        damaged local copy is dropped and the bucket's read instead). stat() raises for an unusable one."""
+        return self._stat_checked(namespace, key)
+
+    def _stat_checked(self, namespace: str, key: str) -> Manifest | None:
+        """The manifest, or None on a miss. An unusable local copy is dropped and the bucket's read once; an
+        unusable bucket copy is a miss, warned about once, and not asked for again by this process."""
+        path = keys.manifest_path(namespace, key)
+        if self._is_bad(path):
+            return None
+        held = self.local is not None and self.local.holds(path)
         try:
             return self.stat(namespace, key)
         except UntrustedEntryError:
             return None  # counted and logged by stat
         except FormatError as exc:
-            log.warning("castore: %s/%s: unusable manifest treated as a miss: %s", namespace, key, exc)
+            error = exc
+        if held:
+            assert self.local is not None
+            self.local.forget(path)
+            log.warning("castore: %s/%s: local copy of the manifest was unusable (%s); reading the bucket's", namespace, key, error)
             self._bump(corrupt=1)
-            return None
+            try:
+                return self.stat(namespace, key)
+            except FormatError as exc:
+                error = exc
+        self._mark_bad(path, corrupt=True, message="castore: %s/%s: unusable manifest treated as a miss: %s",
+                       args=(namespace, key, error))
+        return None
+
+    def _load(self, namespace: str, key: str, read: Callable[[Manifest], _T | None]) -> tuple[Manifest | None, _T | None]:
+        """(manifest, read(manifest)). When the read fails and the manifest came from the local layer, the local
+        manifest may be the damaged part: it is dropped and the entry read once more from the bucket. An entry
+        that still fails is remembered as bad (later reads miss without a request)."""
+        path = keys.manifest_path(namespace, key)
+        manifest = None
+        for attempt in range(2):
+            held = self.local is not None and self.local.holds(path)  # before this read fetched it
+            manifest = self._stat_checked(namespace, key)
+            if manifest is None:
+                return None, None
+            value = read(manifest)
+            if value is not None:
+                return manifest, value
+            if not (held and attempt == 0):
+                break
+            assert self.local is not None
+            self.local.forget(path)
+        self._mark_bad(path, corrupt=False)  # warned about by the read that failed
+        return manifest, None
 
     def _inline_data(self, manifest: Manifest) -> bytes | None:
         assert manifest.inline is not None
@@ -381,101 +551,178 @@ class Store:
             return None
 
     def _read_blob(self, manifest: Manifest, progress: ProgressFn | None = None) -> bytes | None:
-        if manifest.inline is not None:
-            return self._inline_data(manifest)
-        refs = manifest.chunks
-        if len(refs) == 1:  # the chunk digest is the blob digest: one verification covers both
-            data = self._fetch_chunk_or_none(refs[0])
-            if data is None:
-                self._corrupt(manifest, "a chunk is missing or corrupt")
-                return None
-            if progress:
-                progress(refs[0].size)
-            return bytes(data)
-        # Fast path, one SHA-256 pass and no serial copy: workers fetch and decode chunks in parallel and copy
-        # each into its place in the result (a calloc'd bytes object that io.BytesIO hands back without a copy),
-        # while this thread hashes the blob in order as the chunks land. The chunks are trusted only if the whole
-        # blob matches the manifest's digest; a mismatch falls back to verifying each chunk, which drops damaged
-        # local copies and refetches.
-        result = io.BytesIO(bytes(manifest.size))
-        buf = result.getbuffer()
-        offsets = list(itertools.accumulate((ref.size for ref in refs), initial=0))
+        parts: list[bytes | memoryview] = []
 
-        def fill(i: int) -> bool:
-            part = self._fetch_chunk_unverified(refs[i])
-            if part is None:
+        def sink() -> Sink:
+            parts.clear()
+            return parts.append
+
+        if not self._read_into(manifest, sink, progress):
+            return None
+        return parts[0] if len(parts) == 1 and isinstance(parts[0], bytes) else b"".join(parts)
+
+    def _write_blob_file(self, manifest: Manifest, dest: str, progress: ProgressFn | None, keep_mode: bool) -> int | None:
+        """Stream the blob into a temporary file beside dest; rename it over dest once the blob digest matched."""
+        directory = os.path.dirname(dest) or "."
+        os.makedirs(directory, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                def sink() -> Sink:
+                    f.seek(0)
+                    f.truncate()
+                    return f.write
+
+                if not self._read_into(manifest, sink, progress):
+                    return None
+                mode = manifest.meta.get("mode")
+                if keep_mode and isinstance(mode, int) and not isinstance(mode, bool):
+                    os.fchmod(f.fileno(), safe_mode(mode))
+                else:
+                    os.fchmod(f.fileno(), 0o666 & ~current_umask())
+            os.replace(tmp, dest)
+            tmp = ""
+            return manifest.size
+        finally:
+            if tmp:
+                try:
+                    os.unlink(tmp)
+                except FileNotFoundError:
+                    pass
+
+    def _read_into(self, manifest: Manifest, open_sink: Callable[[], Sink], progress: ProgressFn | None) -> bool:
+        """Feed the blob's bytes, in order, to a sink; True only if they match the manifest's digest (a sink
+        must not be trusted before). open_sink() starts over (a second, strictly verified, pass)."""
+        if manifest.inline is not None:
+            data = self._inline_data(manifest)
+            if data is None:
                 return False
-            buf[offsets[i] : offsets[i + 1]] = part
+            open_sink()(data)
+            if progress:
+                progress(len(data))
+            return True
+        strict = False
+        for _ in range(2):
+            outcome = self._stream_chunks(manifest, open_sink(), progress, strict)
+            if outcome is not None:
+                return outcome
+            strict, progress = True, None  # the blob digest failed: verify chunk by chunk (drops damaged local copies)
+        return False
+
+    def _stream_chunks(self, manifest: Manifest, sink: Sink, progress: ProgressFn | None, strict: bool) -> bool | None:
+        """Fetch chunks in parallel (a bounded window ahead, so memory stays bounded by what was fetched) and feed
+        them in order to sink while hashing the blob. True: every chunk arrived and the blob digest matches.
+        False: a chunk is unusable, or (strict) the digest fails. None: the digest failed without strict
+        verification of each chunk (a local copy may be damaged): the caller retries strictly."""
+        refs = manifest.chunks
+        owner = f"{manifest.namespace}/{manifest.key}"
+        covered = len(refs) == 1 and refs[0].digest == manifest.digest  # one chunk: its check is the blob's
+        hasher = None if covered else hashlib.sha256()
+        strict = strict or covered
+        pending: collections.deque = collections.deque()
+        upcoming = iter(refs)
+        # A chunk that repeats within the window is fetched once (a bad one must cost one request, not several).
+        in_flight: dict[bytes, concurrent.futures.Future] = {}
+        uses: collections.Counter[bytes] = collections.Counter()
+
+        def submit_next() -> None:
+            ref = next(upcoming, None)
+            if ref is not None:
+                future = in_flight.get(ref.digest)
+                if future is None:
+                    future = in_flight[ref.digest] = self._pool.submit(self._fetch_chunk, ref, strict, owner)
+                uses[ref.digest] += 1
+                pending.append((ref.digest, future))
+
+        for _ in range(max(4, 2 * self._workers)):
+            submit_next()
+        try:
+            while pending:
+                digest, future = pending.popleft()
+                uses[digest] -= 1
+                if not uses[digest]:
+                    del in_flight[digest]
+                part = future.result()
+                if part is None:
+                    # The chunk's own warning named this entry: no second line for the same damage.
+                    log.debug("castore: %s is incomplete or corrupt (a chunk is missing or corrupt)", owner)
+                    return False
+                submit_next()
+                if hasher is not None:
+                    hasher.update(part)
+                sink(part)
+                if progress:
+                    progress(len(part))
+        finally:
+            for _, future in pending:
+                future.cancel()
+            concurrent.futures.wait([future for _, future in pending])  # nothing of this read runs on after it returns
+        if hasher is not None and hasher.digest() != manifest.digest:
+            if strict:
+                self._corrupt(manifest, "blob digest mismatch")
+                return False
+            return None
+        return True
+
+    def _decode(self, obj: bytes, ref: ChunkRef, verify: bool) -> bytes | memoryview:
+        """A chunk object decoded to exactly ref.size bytes (bounded: decompression bombs), hashed when verify."""
+        if verify:
+            return codecs.decode_chunk(obj, ref.digest, ref.size)
+        codec = codecs.codec_of(obj)
+        payload = memoryview(obj)[codecs.HEADER_SIZE :]
+        if codec == codecs.CODEC_RAW:
+            if len(payload) != ref.size:
+                raise CorruptChunkError(f"raw chunk has {len(payload)} bytes, expected {ref.size}")
+            return payload  # no copy of raw chunks
+        return codecs.decompress(codec, payload, ref.size)
+
+    def _fetch_chunk(self, ref: ChunkRef, strict: bool, owner: str) -> bytes | memoryview | None:
+        """A decoded chunk, or None (missing or corrupt: warned about once and remembered). Bytes fetched from the
+        bucket into the local layer are always verified before it keeps them; others only when strict (the
+        caller checks the blob digest). A local copy that fails is dropped and the bucket asked once. BackendError
+        propagates."""
+        path = keys.chunk_path(ref.digest)
+        if self._is_bad(path):
+            return None
+        try:
+            if self.local is not None:
+                got = self.local.get_checked(path, lambda obj, from_disk: self._decode(obj, ref, strict or not from_disk))
+                part = None if got is None else got[0]
+            else:
+                obj = self.backend.get(path)
+                part = None if obj is None else self._decode(obj, ref, strict)
+        except FormatError as exc:
+            self._mark_bad(path, corrupt=True, message=BAD_CHUNK, args=(ref.digest.hex(), f"failed verification: {exc}", owner))
+            return None
+        if part is None:
+            self._mark_bad(path, corrupt=False, message=BAD_CHUNK, args=(ref.digest.hex(), f"is missing from {self.url}", owner))
+        return part
+
+    def _prefetch_chunk(self, ref: ChunkRef, owner: str) -> bool:
+        """Bring one chunk into the local layer, verified; a copy already there is left to the read's check."""
+        assert self.local is not None
+        path = keys.chunk_path(ref.digest)
+        if self._is_bad(path):
+            return False
+
+        def check(obj: bytes, from_disk: bool) -> bool:
+            if not from_disk:
+                codecs.decode_chunk(obj, ref.digest, ref.size)
             return True
 
-        futures = [self._pool.submit(fill, i) for i in range(len(refs))]
-        hasher = hashlib.sha256()
-        ok = True
         try:
-            for i, future in enumerate(futures):
-                if future.result():
-                    if ok:
-                        hasher.update(buf[offsets[i] : offsets[i + 1]])
-                    if progress:
-                        progress(refs[i].size)
-                else:
-                    ok = False
-        except BaseException:
-            for future in futures:
-                future.cancel()
-            raise
-        buf.release()
-        if ok and hasher.digest() == manifest.digest:
-            return result.getvalue()
-        parts = list(self._pool.map(self._fetch_chunk_or_none, refs))
-        if any(p is None for p in parts):
-            self._corrupt(manifest, "a chunk is missing or corrupt")
-            return None
-        # Chunks are verified one by one; the blob digest catches a manifest that lists the wrong chunks.
-        data = b"".join(parts)  # type: ignore[arg-type]
-        if hashlib.sha256(data).digest() != manifest.digest:
-            self._corrupt(manifest, "blob digest mismatch")
-            return None
-        return data
-
-    def _fetch_chunk_unverified(self, ref: ChunkRef) -> bytes | memoryview | None:
-        """A chunk decoded to exactly ref.size bytes, not yet hashed (the caller checks the blob digest), or None.
-
-        Decompression stays bounded by ref.size (decompression bombs). BackendError propagates.
-        """
-        obj = self.backend.get(keys.chunk_path(ref.digest))
-        if obj is None:
-            return None
-        try:
-            codec = codecs.codec_of(obj)
-            payload = memoryview(obj)[codecs.HEADER_SIZE :]
-            if codec == codecs.CODEC_RAW:
-                return payload if len(payload) == ref.size else None  # no copy of raw chunks
-            return codecs.decompress(codec, payload, ref.size)
-        except FormatError:
-            return None
-
-    def _fetch_chunk_or_none(self, ref: ChunkRef) -> bytes | None:
-        """A verified chunk, or None (missing or corrupt, with a warning). BackendError propagates."""
-        path = keys.chunk_path(ref.digest)
-        obj = self.backend.get(path)
-        if obj is None:
-            log.warning("castore: chunk %s is missing from %s", ref.digest.hex(), self.url)
-            return None
-        try:
-            return codecs.decode_chunk(obj, ref.digest, ref.size)
+            got = self.local.get_checked(path, check)
         except FormatError as exc:
-            if self.local is not None and self.local.holds(path):
-                # A damaged local copy: drop it and ask the bucket once more.
-                self.local.forget(path)
-                log.warning("castore: local copy of chunk %s was corrupt (%s); refetching", ref.digest.hex(), exc)
-                return self._fetch_chunk_or_none(ref)
-            log.warning("castore: chunk %s failed verification: %s", ref.digest.hex(), exc)
-            self._bump(corrupt=1)
-            return None
+            self._mark_bad(path, corrupt=True, message=BAD_CHUNK, args=(ref.digest.hex(), f"failed verification: {exc}", owner))
+            return False
+        if got is None:
+            self._mark_bad(path, corrupt=False, message=BAD_CHUNK, args=(ref.digest.hex(), f"is missing from {self.url}", owner))
+            return False
+        return True
 
     def _corrupt(self, manifest: Manifest, why: str) -> None:
-        log.warning("castore: %s/%s is incomplete or corrupt (%s); treated as a miss", manifest.namespace, manifest.key, why)
+        self._warn_once(f"entry:{manifest.namespace}/{manifest.key}",
+                        "castore: %s/%s is incomplete or corrupt (%s); treated as a miss", manifest.namespace, manifest.key, why)
 
     # -- listing, deleting, checking -------------------------------------------------------------
     def namespaces(self) -> list[str]:
@@ -501,73 +748,123 @@ class Store:
         self.backend.delete(path)
         return True
 
-    def verify(self, namespace: str | None = None, key: str | None = None) -> VerifyReport:
-        """Re-hash every chunk of one key, or of every manifest (and every chunk object) in the store."""
+    def verify(self, namespace: str | None = None, key: str | None = None, *, repair: bool = False) -> VerifyReport:
+        """Re-hash every chunk of one key, or of every manifest (and every chunk object) in the store, as the
+        bucket holds them (not the local layer's copies).
+
+        With repair: a corrupt or missing chunk is uploaded again from a valid copy in the local layer; a chunk
+        object beyond repair is deleted, with every manifest that needs it and every unusable manifest, so the
+        next writer (the next compile) publishes the entry again.
+        """
+        if repair and self.read_only:
+            raise ReadOnlyError(f"store {self.url} is read-only")
         report = VerifyReport()
+        bucket = self._bucket
         if key is not None:
             assert namespace is not None
             targets = [(namespace, key)]
         else:
             targets = [(ns, k) for ns, k, _ in self.list(namespace)]
-        seen: set[bytes] = set()
+        usable: dict[bytes, bool] = {}  # digest -> a valid copy is in the bucket (after any repair)
         lock = threading.Lock()
 
-        def check(ref: ChunkRef) -> None:
-            with lock:
-                if ref.digest in seen:
-                    return
-                seen.add(ref.digest)
-            obj = self.backend.get(keys.chunk_path(ref.digest))
-            problem = None
+        def problem_of(obj: bytes | None, digest: bytes, size: int | None) -> str | None:
             if obj is None:
-                problem = "missing"
-            else:
-                try:
-                    codecs.decode_chunk(obj, ref.digest, ref.size)
-                except FormatError as exc:
-                    problem = str(exc)
+                return "missing"
+            try:
+                if size is not None:
+                    codecs.decode_chunk(obj, digest, size)
+                else:
+                    self._admission_check(keys.chunk_path(digest), obj)
+            except FormatError as exc:
+                return str(exc)
+            return None
+
+        def check(digest: bytes, size: int | None) -> bool:
+            path = keys.chunk_path(digest)
+            obj = bucket.get(path)
+            problem = problem_of(obj, digest, size)
+            ok = problem is None
+            if problem is not None:
+                with lock:
+                    report.bad.append(f"chunk {digest.hex()}: {problem}")
+                if repair:
+                    ok = self._repair_chunk(digest, size, problem_of)
+                    with lock:
+                        if ok:
+                            report.repaired.append(f"chunk {digest.hex()}")
+                        elif obj is not None:
+                            report.removed.append(f"chunk {digest.hex()}")
+                    if not ok and obj is not None:
+                        self.backend.delete(path)
             with lock:
                 report.chunks += 1
-                report.bytes += ref.size
-                if problem:
-                    report.bad.append(f"chunk {ref.digest.hex()}: {problem}")
+                if obj is not None and ok:
+                    report.bytes += size if size is not None else 0
+                if not ok and not repair:
+                    report.unresolved += 1
+            return ok
+
+        def remove_manifest(ns: str, k: str) -> None:
+            if repair:
+                self.backend.delete(keys.manifest_path(ns, k))
+                self._forgive(keys.manifest_path(ns, k))
+                report.removed.append(f"manifest {ns}/{k}")
+            else:
+                report.unresolved += 1
 
         for ns, k in targets:
+            raw = bucket.get(keys.manifest_path(ns, k))
+            if raw is None:
+                report.bad.append(f"manifest {ns}/{k}: missing")
+                report.unresolved += 1
+                continue
             try:
-                manifest = self.stat(ns, k)
+                manifest = self._parse_manifest(raw, ns, k)
             except FormatError as exc:
                 report.bad.append(f"manifest {ns}/{k}: {exc}")
-                continue
-            if manifest is None:
-                report.bad.append(f"manifest {ns}/{k}: missing")
+                remove_manifest(ns, k)
                 continue
             report.manifests += 1
             if manifest.inline is not None:
                 if self._inline_data(manifest) is None:
                     report.bad.append(f"manifest {ns}/{k}: inline data corrupt")
+                    remove_manifest(ns, k)
                 continue
-            list(self._pool.map(check, manifest.chunks))
+            new = list({ref.digest: ref for ref in manifest.chunks if ref.digest not in usable}.values())
+            for ref, ok in zip(new, self._pool.map(lambda r: check(r.digest, r.size), new)):
+                usable[ref.digest] = ok
+            lost = [ref.digest.hex() for ref in manifest.chunks if not usable[ref.digest]]
+            if lost:
+                if repair:
+                    report.bad.append(f"manifest {ns}/{k}: needs {len(set(lost))} unusable chunk(s)")
+                remove_manifest(ns, k)
         if key is None and namespace is None:
             # Whole store: also every chunk object no manifest names.
-            for path, _ in self.backend.list(keys.ROOT + "/chunks/"):
+            for path, _ in bucket.list(keys.ROOT + "/chunks/"):
                 digest = keys.parse_chunk_path(path)
-                if digest is None or digest in seen:
+                if digest is None or digest in usable:
                     continue
-                obj = self.backend.get(path)
-                report.chunks += 1
-                try:
-                    if obj is None:
-                        raise FormatError("vanished")
-                    codec = codecs.codec_of(obj)
-                    payload = memoryview(obj)[codecs.HEADER_SIZE :]
-                    size = len(payload) if codec == codecs.CODEC_RAW else chunking.MAX_CHUNK_SIZE
-                    data = codecs.decompress_at_most(codec, payload, size)
-                    if codecs.sha256(data) != digest:
-                        raise CorruptChunkError("does not match its name")
-                    report.bytes += len(data)
-                except FormatError as exc:
-                    report.bad.append(f"chunk {digest.hex()}: {exc}")
+                usable[digest] = check(digest, None)
+        if repair:
+            report.unresolved = 0  # every problem was repaired or removed (a failure raises)
         return report
+
+    def _repair_chunk(self, digest: bytes, size: int | None, problem_of: Callable[[bytes | None, bytes, int | None], str | None]) -> bool:
+        """Upload a chunk again from a valid local-layer copy. False when this node holds none."""
+        if self.local is None:
+            return False
+        path = keys.chunk_path(digest)
+        local_copy = self.local.local_copy(path)
+        if local_copy is None:
+            return False
+        if problem_of(local_copy, digest, size) is not None:
+            self.local.forget(path)
+            return False
+        self._bucket.put(path, local_copy)
+        self._forgive(path)
+        log.warning("castore: chunk %s repaired from this node's local layer", digest.hex())
+        return True
 
     def du(self, namespace: str | None = None) -> Usage:
         usage = Usage()
@@ -599,20 +896,98 @@ def _meta_value(value: object) -> object:
     return str(value)
 
 
-def extract_tree(manifest: Manifest, data: bytes | bytearray, dest: str | os.PathLike[str]) -> None:
-    """Write a tree manifest's files under dest, each atomically, with its mode."""
-    from castore.fsutil import write_atomic
+def extract_tree(manifest: Manifest, data: bytes | bytearray | memoryview, dest: str | os.PathLike[str]) -> None:
+    """Write a tree manifest's files under dest, each atomically, with a safe mode (format/tree.safe_mode).
 
-    dest = Path(dest)
-    dest.mkdir(parents=True, exist_ok=True)
+    Only regular files and directories, strictly inside dest: every entry is checked, and dest's existing
+    directories are checked for symlinks in the way, before anything is written; directories are then opened
+    relative to their parent with O_NOFOLLOW, so nothing is written or chmod-ed through a symlink.
+    """
+    entries = checked_entries(manifest.files)
+    if sum(e.size for e, _ in entries if e.type == "f") != len(data):
+        raise UnsafeTreeError(f"tree {manifest.namespace}/{manifest.key}: files add up to a size other than the blob's")
+    root = os.fspath(dest)
+    os.makedirs(root, exist_ok=True)
+    _check_dest(root, entries)
     view = memoryview(data)
-    pos = 0
-    for entry in manifest.files:
-        target = dest / safe_relpath(entry.path)
-        if entry.type == "d":
-            target.mkdir(parents=True, exist_ok=True)
-            os.chmod(target, entry.mode | 0o700)
-            continue
-        write_atomic(str(target), view[pos : pos + entry.size])
-        os.chmod(target, entry.mode)
-        pos += entry.size
+    dirs: dict[tuple[str, ...], int] = {(): os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)}
+
+    def open_dir(parts: tuple[str, ...]) -> int:
+        fd = dirs.get(parts)
+        if fd is None:
+            parent = open_dir(parts[:-1])
+            try:
+                os.mkdir(parts[-1], 0o700, dir_fd=parent)
+            except FileExistsError:
+                pass
+            try:
+                fd = os.open(parts[-1], os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=parent)
+            except OSError as exc:  # ELOOP (a symlink) or ENOTDIR: appeared since the check
+                raise UnsafeTreeError(f"{'/'.join(parts)} in {root} is not a directory: {exc.strerror}") from exc
+            dirs[parts] = fd
+        return fd
+
+    try:
+        dir_modes = []
+        pos = 0
+        for entry, parts in entries:
+            if entry.type == "d":
+                dir_modes.append((open_dir(parts), safe_mode(entry.mode) | 0o700))
+                continue
+            _write_file_at(open_dir(parts[:-1]), parts[-1], view[pos : pos + entry.size], safe_mode(entry.mode))
+            pos += entry.size
+        for fd, mode in dir_modes:
+            os.fchmod(fd, mode)
+    finally:
+        for fd in dirs.values():
+            os.close(fd)
+
+
+def _check_dest(root: str, entries: list[tuple[TreeEntry, tuple[str, ...]]]) -> None:
+    """Before writing: no existing symlink or non-directory where a directory goes, no directory where a file goes."""
+    import stat as stat_
+
+    seen: set[tuple[str, ...]] = set()
+    for entry, parts in entries:
+        dir_parts = parts if entry.type == "d" else parts[:-1]
+        for i in range(1, len(dir_parts) + 1):
+            prefix = dir_parts[:i]
+            if prefix in seen:
+                continue
+            seen.add(prefix)
+            try:
+                st = os.lstat(os.path.join(root, *prefix))  # parents already checked: no symlink followed
+            except FileNotFoundError:
+                break  # created by the restore
+            if not stat_.S_ISDIR(st.st_mode):
+                raise UnsafeTreeError(f"{'/'.join(prefix)} in {root} exists and is not a directory (a symlink?)")
+        if entry.type == "f":
+            try:
+                st = os.lstat(os.path.join(root, *parts))
+            except (FileNotFoundError, NotADirectoryError):
+                continue
+            if stat_.S_ISDIR(st.st_mode):
+                raise UnsafeTreeError(f"{entry.path} in {root} exists and is a directory")
+
+
+def _write_file_at(dir_fd: int, name: str, data: memoryview, mode: int) -> None:
+    """Create name in the directory dir_fd atomically (a temporary file renamed over it, never following a link)."""
+    import secrets
+
+    tmp = f".tmp-{secrets.token_hex(8)}"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=dir_fd)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            os.fchmod(f.fileno(), mode)
+        try:
+            os.replace(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+        except IsADirectoryError as exc:
+            raise UnsafeTreeError(f"{name} exists and is a directory") from exc
+        tmp = ""
+    finally:
+        if tmp:
+            try:
+                os.unlink(tmp, dir_fd=dir_fd)
+            except FileNotFoundError:
+                pass

@@ -72,12 +72,17 @@ def test_file_round_trip(url: str, tmp_path: Path) -> None:
     assert got.exit_code == 0, got.output
     assert Path("out.bin").read_bytes() == src.read_bytes()
     assert stat.S_IMODE(Path("out.bin").stat().st_mode) == 0o750
-    # DEST omitted: the stored file name in the current directory; a directory DEST: inside it.
+    # DEST omitted: ./KEY, with a new file's mode (name and mode are not taken from the bucket unasked);
+    # a directory DEST: KEY inside it.
     assert run(url, "get", "ns", "key:1").exit_code == 0
-    assert Path("artifact.bin").read_bytes() == src.read_bytes()
+    assert Path("key:1").read_bytes() == src.read_bytes()
+    assert not Path("artifact.bin").exists()
+    umask = os.umask(0o022)
+    os.umask(umask)
+    assert stat.S_IMODE(Path("key:1").stat().st_mode) == 0o666 & ~umask
     Path("d").mkdir()
     assert run(url, "get", "ns", "key:1", "d").exit_code == 0
-    assert Path("d/artifact.bin").read_bytes() == src.read_bytes()
+    assert Path("d/key:1").read_bytes() == src.read_bytes()
     meta = run_json(url, "stat", "ns", "key:1")["meta"]
     assert meta["origin"] == "test" and meta["x"] == "a=b" and meta["filename"] == "artifact.bin"
 

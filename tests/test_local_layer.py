@@ -180,10 +180,14 @@ def test_corrupt_local_manifest_is_dropped(inner: CountingBackend, tmp_path: Pat
     layer = LocalLayer(inner, str(tmp_path / "layer"), 1 << 30)
     store = Store(layer)
     store.put("ns", "k", b"small inline blob")
-    Path(layer.local_path(keys.manifest_path("ns", "k"))).write_bytes(b"\xc1 garbage")
-    assert store.get("ns", "k") is None  # this read is a miss (with a warning) ...
-    assert not layer.holds(keys.manifest_path("ns", "k"))
-    assert store.get("ns", "k") == b"small inline blob"  # ... and the next one reads the bucket's copy
+    local = Path(layer.local_path(keys.manifest_path("ns", "k")))
+    local.write_bytes(b"\xc1 garbage")
+    gets = inner.calls["get"]
+    assert store.get("ns", "k") == b"small inline blob"  # the damaged local copy is dropped, the bucket's read once
+    assert inner.calls["get"] == gets + 1
+    assert local.read_bytes() == inner.inner.get(keys.manifest_path("ns", "k"))  # and the good copy kept
+    assert store.get("ns", "k") == b"small inline blob"
+    assert inner.calls["get"] == gets + 1
 
 
 def test_offline_serves_what_the_layer_holds(inner: CountingBackend, tmp_path: Path) -> None:
@@ -248,3 +252,34 @@ def test_clear_and_misses(inner: CountingBackend, tmp_path: Path) -> None:
     assert layer.usage() == (1, 1)
     layer.clear()
     assert layer.usage() == (0, 0)
+
+
+def test_the_size_bound_holds_across_processes_sharing_one_layer(tmp_path: Path) -> None:
+    """Each process used to count only what it wrote itself: two of them filled the layer to twice its bound."""
+    bound = 300_000
+    backing = MemoryBackend()
+    paths = [f"castore/v1/chunks/{i:02x}/o{i}" for i in range(20)]
+    for i, p in enumerate(paths):
+        backing.put(p, _rand(25_000, seed=i))
+    first = LocalLayer(CountingBackend(backing), str(tmp_path / "layer"), bound)
+    second = LocalLayer(CountingBackend(backing), str(tmp_path / "layer"), bound)  # another process's view
+    for i, p in enumerate(paths):
+        (first if i % 2 else second).get(p)
+        assert first.usage()[1] <= bound
+    assert first.stats.evicted_files + second.stats.evicted_files > 0
+    second.forget(paths[-1])
+    held = first.usage()[1]
+    assert int((tmp_path / "layer" / "usage").read_text()) == held  # the shared counter follows removals too
+
+
+def test_eviction_removes_what_killed_writers_left(inner: CountingBackend, tmp_path: Path) -> None:
+    layer = LocalLayer(inner, str(tmp_path / "layer"), 50_000)
+    stale = Path(layer.local_path("castore/v1/chunks/aa/.tmp-killed"))
+    fresh = Path(layer.local_path("castore/v1/chunks/aa/.tmp-in-flight"))
+    stale.parent.mkdir(parents=True)
+    stale.write_bytes(b"x" * 1000)
+    fresh.write_bytes(b"y" * 1000)
+    os.utime(stale, (time.time() - 7200, time.time() - 7200))
+    inner.inner.put("castore/v1/big", _rand(60_000))
+    layer.get("castore/v1/big")  # over the bound: evicts
+    assert not stale.exists() and fresh.exists()

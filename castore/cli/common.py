@@ -36,7 +36,8 @@ Exit codes:
   0  success
   1  miss: the key (or namespace) does not exist (get, stat, rm, verify KEY)
   2  usage error or bad input (invalid key or namespace, bad configuration, unreadable path)
-  3  verification failed: verify found bad chunks, or stored data is corrupt or untrusted
+  3  verification failed: verify found bad chunks (verify --repair: problems it could not fix),
+     or stored data is corrupt or untrusted, or a stored tree cannot be restored safely
   4  backend error (network, permissions, server error)
   5  the store is read-only and the command writes
 

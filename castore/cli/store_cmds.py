@@ -104,17 +104,25 @@ def put(ctx: click.Context, namespace: str, key: str, path: str, force: bool, me
 def get(ctx: click.Context, namespace: str, key: str, dest: str | None, as_json: bool) -> None:
     """Fetch NAMESPACE KEY into DEST (a file, a directory for trees, or - for stdout).
 
-    DEST defaults to the stored file name (or the key) in the current directory. A blob fetched into an
-    existing directory lands in it under its stored file name.
+    Names and modes are never taken from the bucket unasked: without DEST the entry is written to ./KEY
+    (a file with the mode a new file gets, or a directory tree); a blob fetched into an existing directory
+    lands in it as KEY. A file written to a DEST keeps its stored permission bits, and a tree its files'
+    bits, without setuid/setgid/sticky and group/world write. A tree is restored only with regular files and
+    directories strictly inside DEST; every entry is checked before anything is written.
     """
+    from castore.format.keys import validate_key, validate_namespace
+
+    validate_namespace(namespace)
+    validate_key(key)  # a valid key is a safe file name: no separator, no '..', at most 250 bytes
     store = open_cli_store(ctx)
-    manifest = store.stat(namespace, key)
+    manifest = store.lookup(namespace, key)
     if manifest is None:
+        if store.contains(namespace, key):
+            raise VerificationFailed(f"{namespace}/{key}: the stored manifest is unusable (see warnings)")
         raise Miss(f"{namespace}/{key}: no such key")
-    filename = manifest.meta.get("filename")
-    default_name = filename if isinstance(filename, str) and filename and "/" not in filename and filename not in (".", "..") else key
+    keep_mode = dest is not None
     if dest is None:
-        dest = key if manifest.kind == "tree" else default_name
+        dest = key
     if dest == "-":
         if json_mode(ctx):
             raise click.UsageError("--json cannot be combined with DEST '-' (stdout carries the data)")
@@ -133,8 +141,8 @@ def get(ctx: click.Context, namespace: str, key: str, dest: str | None, as_json:
             ok = store.get_tree(namespace, key, dest, progress=progress)
         else:
             if os.path.isdir(dest):
-                dest = os.path.join(dest, default_name)
-            ok = store.get_file(namespace, key, dest, progress=progress)
+                dest = os.path.join(dest, key)
+            ok = store.get_file(namespace, key, dest, progress=progress, keep_mode=keep_mode)
     if not ok:
         if not store.contains(namespace, key):
             raise Miss(f"{namespace}/{key}: no such key")
@@ -273,10 +281,15 @@ def rm(ctx: click.Context, namespace: str, key: str, as_json: bool) -> None:
 @click.command()
 @click.argument("namespace", required=False)
 @click.argument("key", required=False)
+@click.option("--repair", is_flag=True, help="Upload bad chunks again from this node's local layer; delete what "
+              "cannot be repaired and the entries that need it (the next writer publishes them again).")
 @json_option
 @click.pass_context
-def verify(ctx: click.Context, namespace: str | None, key: str | None, as_json: bool) -> None:
-    """Re-hash every chunk of KEY, of NAMESPACE, or of the whole store. Exit code 3 if anything is bad."""
+def verify(ctx: click.Context, namespace: str | None, key: str | None, repair: bool, as_json: bool) -> None:
+    """Re-hash every chunk of KEY, of NAMESPACE, or of the whole store, as the bucket holds them.
+
+    Exit code 3 if anything is bad; with --repair, 0 once every problem was repaired or removed.
+    """
     from castore.format.keys import validate_key, validate_namespace
 
     store = open_cli_store(ctx)
@@ -286,19 +299,23 @@ def verify(ctx: click.Context, namespace: str | None, key: str | None, as_json: 
         validate_key(key)
         if not store.contains(namespace, key):
             raise Miss(f"{namespace}/{key}: no such key")
-    report = store.verify(namespace, key)
-    data = {"ok": report.ok, "manifests": report.manifests, "chunks": report.chunks, "bytes": report.bytes, "bad": report.bad}
+    report = store.verify(namespace, key, repair=repair)
+    data = {"ok": report.ok, "manifests": report.manifests, "chunks": report.chunks, "bytes": report.bytes, "bad": report.bad,
+            "repaired": report.repaired, "removed": report.removed, "unresolved": report.unresolved}
 
     def render(d: dict[str, Any]) -> str:
         lines = [f"bad: {b}" for b in d["bad"]]
+        lines += [f"repaired: {r}" for r in d["repaired"]]
+        lines += [f"removed: {r}" for r in d["removed"]]
+        verdict = "OK" if d["ok"] else ("REPAIRED" if repair and not d["unresolved"] else "FAILED")
         lines.append(
-            f"{'OK' if d['ok'] else 'FAILED'}: {d['manifests']} manifests, {d['chunks']} chunks, "
-            f"{human_size(d['bytes'])} checked, {len(d['bad'])} problems"
+            f"{verdict}: {d['manifests']} manifests, {d['chunks']} chunks, {human_size(d['bytes'])} checked, "
+            f"{len(d['bad'])} problems" + (f", {len(d['repaired'])} repaired, {len(d['removed'])} removed" if repair else "")
         )
         return "\n".join(lines)
 
     emit(ctx, data, render)
-    if not report.ok:
+    if report.unresolved or (not report.ok and not repair):
         ctx.exit(EXIT_VERIFY)
 
 

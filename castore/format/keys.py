@@ -7,7 +7,9 @@ import re
 from castore.errors import InvalidKeyError
 
 ROOT = "castore/v1"
-MAX_KEY_BYTES = 512
+# A key is one path component in every backend: a file name on a file system (file:// stores, the local layer)
+# holds at most 255 bytes.
+MAX_KEY_BYTES = 250
 MAX_NAMESPACE_BYTES = 128
 
 # Keys come from PyTorch (e.g. 'pt2:fx-graph-v1::fabc...:c1') and from users. The charset is what every

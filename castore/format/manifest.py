@@ -32,6 +32,7 @@ MAX_CHUNKS = 1 << 20
 MAX_INLINE_BYTES = 64 << 10
 # Writers inline blobs up to this size: one request reads them.
 INLINE_THRESHOLD = 16 << 10
+MAX_CREATED = 1 << 34  # seconds: year 2514; a larger, negative, inf or nan 'created' is malformed
 KINDS = ("blob", "tree", "bundle")
 MetaValue = str | int | float | bool | None
 
@@ -238,8 +239,8 @@ def _parse_fields(doc: dict[str, Any], max_size: int) -> Manifest:
     if not isinstance(meta, dict) or not all(isinstance(k, str) for k in meta):
         raise ManifestError("manifest meta is not a map of strings")
     created = doc.get("created", 0.0)
-    if not isinstance(created, (int, float)) or isinstance(created, bool) or not math.isfinite(created):
-        raise ManifestError("manifest 'created' is not a finite number")
+    if not isinstance(created, (int, float)) or isinstance(created, bool) or not 0 <= created <= MAX_CREATED:
+        raise ManifestError(f"manifest 'created' is not a time in [0, {MAX_CREATED}]: {created!r}")
     m = Manifest(
         namespace=_want(doc, "ns", str),
         key=_want(doc, "key", str),
@@ -288,12 +289,12 @@ def _parse_chunker(value: object) -> ChunkerParams | None:
         return None
     if not isinstance(value, dict):
         raise ManifestError("manifest chunker is not a map")
-    try:
-        return ChunkerParams(
-            min_size=int(value["min"]), avg_size=int(value["avg"]), max_size=int(value["max"]), algorithm=str(value["algo"])
-        )
-    except (KeyError, TypeError, ValueError) as exc:
-        raise ManifestError(f"manifest chunker is malformed: {exc}") from exc
+    sizes = [value.get(name) for name in ("min", "avg", "max")]
+    if not all(isinstance(n, int) and not isinstance(n, bool) and 0 < n <= MAX_CHUNK_SIZE for n in sizes):
+        raise ManifestError(f"manifest chunker sizes {sizes!r} are not integers in (0, {MAX_CHUNK_SIZE}]")
+    if not (sizes[0] <= sizes[1] <= sizes[2]) or not isinstance(value.get("algo"), str):
+        raise ManifestError("manifest chunker is malformed")
+    return ChunkerParams(min_size=sizes[0], avg_size=sizes[1], max_size=sizes[2], algorithm=value["algo"])
 
 
 def _parse_files(value: object, blob_size: int) -> list[TreeEntry]:

@@ -6,8 +6,12 @@ import os
 import stat
 from pathlib import Path, PurePosixPath
 
-from castore.errors import FormatError
+from castore.errors import UnsafeTreeError
 from castore.format.manifest import TreeEntry
+
+#: Permission bits a restore keeps: no setuid/setgid/sticky, no group or world write.
+SAFE_MODE_MASK = 0o755
+MAX_NAME_BYTES = 255  # one path component, as every POSIX file system allows
 
 
 def scan_tree(root: str | os.PathLike[str]) -> list[TreeEntry]:
@@ -29,9 +33,46 @@ def scan_tree(root: str | os.PathLike[str]) -> list[TreeEntry]:
     return entries
 
 
+def safe_mode(mode: int) -> int:
+    return mode & SAFE_MODE_MASK
+
+
+def path_parts(path: object) -> tuple[str, ...]:
+    """The components of a stored relative path; UnsafeTreeError for anything that could leave the destination
+    or that a file system cannot hold (absolute, empty, '.', '..', NUL, over-long names)."""
+    if not isinstance(path, str) or not path or "\x00" in path or path.startswith("/"):
+        raise UnsafeTreeError(f"tree entry path {path!r} is not a safe relative path")
+    parts = tuple(path.split("/"))
+    for part in parts:
+        try:
+            encoded = os.fsencode(part)
+        except UnicodeEncodeError:
+            encoded = b""
+        if part in ("", ".", "..") or not encoded or len(encoded) > MAX_NAME_BYTES:
+            raise UnsafeTreeError(f"tree entry path {path!r} is not a safe relative path")
+    return parts
+
+
 def safe_relpath(path: str) -> PurePosixPath:
     """Reject entries that would escape the destination directory."""
-    p = PurePosixPath(path)
-    if not path or p.is_absolute() or any(part in ("..", "") for part in path.split("/")) or "\x00" in path:
-        raise FormatError(f"tree entry path {path!r} is not a safe relative path")
-    return p
+    return PurePosixPath(*path_parts(path))
+
+
+def checked_entries(entries: list[TreeEntry]) -> list[tuple[TreeEntry, tuple[str, ...]]]:
+    """Every entry checked, before anything is written: safe paths, only files and directories, no duplicates,
+    no file that another entry uses as a directory."""
+    out = []
+    kinds: dict[tuple[str, ...], str] = {}
+    for entry in entries:
+        if entry.type not in ("f", "d"):
+            raise UnsafeTreeError(f"tree entry {entry.path!r} has type {entry.type!r}: only files and directories")
+        parts = path_parts(entry.path)
+        if parts in kinds:
+            raise UnsafeTreeError(f"tree entry {entry.path!r} appears twice")
+        kinds[parts] = entry.type
+        out.append((entry, parts))
+    for parts in kinds:
+        for i in range(1, len(parts)):
+            if kinds.get(parts[:i]) == "f":
+                raise UnsafeTreeError(f"tree entry {'/'.join(parts)!r} lies under the file {'/'.join(parts[:i])!r}")
+    return out

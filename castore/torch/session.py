@@ -429,6 +429,6 @@ def decode_plan(raw: bytes) -> list[tuple[str, str]]:
         if doc.get("v") != PLAN_FORMAT:
             return []
         entries = [(str(c), str(k)) for c, k in doc["entries"]]
-    except (ValueError, TypeError, KeyError, AttributeError):
+    except (ValueError, TypeError, KeyError, AttributeError, RecursionError):  # RecursionError: deeply nested JSON
         return []
     return entries[:PLAN_LIMIT]
