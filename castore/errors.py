@@ -33,6 +33,10 @@ class UntrustedEntryError(FormatError):
     trusted key, a signature that does not verify, or an entry moved from the key it was written for."""
 
 
+class MovedEntryError(UntrustedEntryError):
+    """An intact manifest stored under a key other than the one it was written for (copied, or swapped)."""
+
+
 class UnsafeTreeError(FormatError):
     """A stored directory tree cannot be restored safely (an entry escapes DEST, is duplicated, crosses a
     symlink, ...). Raised before anything is written."""

@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, field
 from typing import TypeVar
 
 from castore.backends.base import Backend
-from castore.errors import CorruptChunkError, FormatError, ReadOnlyError, UnsafeTreeError, UntrustedEntryError
+from castore.errors import CorruptChunkError, FormatError, MovedEntryError, ReadOnlyError, UnsafeTreeError, UntrustedEntryError
 from castore.format import chunking, keys
 from castore.format import codec as codecs
 from castore.format.manifest import INLINE_THRESHOLD, ChunkRef, Manifest, TreeEntry, decode_envelope, encode_envelope
@@ -350,10 +350,10 @@ class Store:
             reason = f"moved: the entry was written for {manifest.namespace}/{manifest.key}"
             verdict = Verdict(False, reason, verdict.verified_by, verdict.signers)
             if enforce:
-                self._refuse(namespace, key, reason)
+                self._refuse(namespace, key, reason, MovedEntryError)
         return manifest, verdict, envelope.format
 
-    def _refuse(self, namespace: str, key: str, reason: str) -> None:
+    def _refuse(self, namespace: str, key: str, reason: str, error: type[UntrustedEntryError] = UntrustedEntryError) -> None:
         """Count an untrusted entry, say so once per entry and process, drop any local copy, and raise."""
         self._bump(untrusted=1)
         with self._stats_lock:
@@ -363,7 +363,7 @@ class Store:
         (log.warning if first else log.debug)("castore: %s/%s: untrusted entry treated as a miss: %s", namespace, key, reason)
         if self.local is not None:
             self.local.forget(keys.manifest_path(namespace, key))
-        raise UntrustedEntryError(f"{namespace}/{key}: untrusted entry: {reason}")
+        raise error(f"{namespace}/{key}: untrusted entry: {reason}")
 
     def contains(self, namespace: str, key: str) -> bool:
         return self.backend.exists(keys.manifest_path(namespace, key))
@@ -504,8 +504,13 @@ class Store:
         held = self.local is not None and self.local.holds(path)
         try:
             return self.stat(namespace, key)
+        except MovedEntryError:
+            self._mark_bad(path, corrupt=False)  # damage, like a corrupt object: counted and logged by stat
+            return None
         except UntrustedEntryError:
-            return None  # counted and logged by stat
+            # Counted and logged by stat. Asked for again: a trusted writer may sign the key any time, and the
+            # verdict on unchanged bytes is cached, so a repeat costs one manifest read.
+            return None
         except FormatError as exc:
             error = exc
         if held:

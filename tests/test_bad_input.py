@@ -15,14 +15,20 @@ import pytest
 from castore.backends.memory import MemoryBackend
 from castore.errors import InvalidKeyError, ManifestError
 from castore.format import keys
-from castore.format.manifest import Manifest
+from castore.format.manifest import Manifest, decode_envelope, encode_envelope
 from castore.store import Store
 
 NS = "bad"
 
 
 def _doc(store: Store, key: str) -> dict:
-    return msgpack.unpackb(store.backend.get(keys.manifest_path(NS, key)), raw=False)
+    """The fields of a stored manifest (the body of its envelope), to edit and re-pack with _pack."""
+    return msgpack.unpackb(decode_envelope(store.backend.get(keys.manifest_path(NS, key))).body, raw=False)
+
+
+def _pack(doc: dict) -> bytes:
+    """A manifest object of these fields, with a checksum that matches them (so the fields themselves are tried)."""
+    return encode_envelope(msgpack.packb(doc, use_bin_type=True))
 
 
 def _chunked(store: Store) -> dict:
@@ -38,7 +44,7 @@ def test_bad_chunker_parameters_are_manifest_errors(field: str, value: object) -
         pytest.skip("manifest has no chunker")
     doc["chunker"][field] = value
     with pytest.raises(ManifestError):
-        Manifest.from_bytes(msgpack.packb(doc, use_bin_type=True), max_size=1 << 40)
+        Manifest.from_bytes(_pack(doc), max_size=1 << 40)
 
 
 @pytest.mark.parametrize("created", [math.inf, -math.inf, math.nan, 1e300, -1.0, "yesterday", True])
@@ -48,7 +54,7 @@ def test_bad_created_is_a_manifest_error(created: object) -> None:
     doc = _doc(store, "k")
     doc["created"] = created
     with pytest.raises(ManifestError):
-        Manifest.from_bytes(msgpack.packb(doc, use_bin_type=True), max_size=1 << 40)
+        Manifest.from_bytes(_pack(doc), max_size=1 << 40)
 
 
 @pytest.mark.parametrize("n", [251, 255, 256, 300, 512])
