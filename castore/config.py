@@ -110,7 +110,7 @@ class Config:
 
     def describe(self) -> list[tuple[str, object, str]]:
         """(name, value, source) of every setting; the URL with any password in it replaced by ***."""
-        from castore.backends.base import redact
+        from castore.redact import redact
 
         return [
             (f.name, redact(self.url) if f.name == "url" else getattr(self, f.name), self.sources.get(f.name, "default"))
