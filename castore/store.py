@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from castore import __version__
+from castore import gc as gc_protocol
 from castore.backends.base import Backend
 from castore.errors import CorruptChunkError, FormatError, ReadOnlyError
 from castore.format import chunking, keys
@@ -35,6 +36,8 @@ class PutResult:
     chunks_total: int = 0
     chunks_uploaded: int = 0
     bytes_uploaded: int = 0
+    # Existing chunk objects re-uploaded because they were old (gc protocol, FORMAT.md 5), path -> object.
+    refreshed: dict[str, bytes] = field(default_factory=dict, repr=False)
 
 
 @dataclass
@@ -80,6 +83,11 @@ class Usage:
 
 
 class Store:
+    #: The gc protocol's writer side (FORMAT.md 5): reused chunk objects older than this are uploaded again, and
+    #: chunks so refreshed are checked again this long after (tests shorten both).
+    chunk_refresh_age: float = gc_protocol.REFRESH_AGE
+    chunk_recheck_delay: float = gc_protocol.DELETE_WINDOW
+
     def __init__(
         self,
         backend: Backend,
@@ -190,11 +198,16 @@ class Store:
             params = chunking.params_for_size(len(view))
             manifest.chunker = params
             pieces = list(chunking.cut(view, params))
-            refs = list(self._pool.map(lambda piece: self._upload_chunk(piece, progress, result), pieces))
+            refs = gc_protocol.publish_in_time(
+                lambda: list(self._pool.map(lambda piece: self._upload_chunk(piece, progress, result), pieces)),
+                self.chunk_refresh_age,
+            )
             manifest.chunks = refs
             result.chunks_total = len(refs)
         published = self.backend.put(keys.manifest_path(namespace, key), manifest.to_bytes(), if_absent=not overwrite)
         result.published = published
+        if result.refreshed:
+            gc_protocol.recheck_refreshed(self.backend, result.refreshed, self.chunk_recheck_delay)
         self._bump(puts=1, bytes_written=result.bytes_uploaded, chunks_uploaded=result.chunks_uploaded,
                    chunks_deduplicated=result.chunks_total - result.chunks_uploaded)
         return result
@@ -203,8 +216,12 @@ class Store:
         digest = codecs.sha256(piece)
         path = keys.chunk_path(digest)
         obj, codec = codecs.encode_chunk(piece)
-        if not self.backend.exists(path):
+        existing = self.backend.head(path)
+        if existing is None or gc_protocol.needs_refresh(existing, self.chunk_refresh_age):
             self.backend.put(path, obj)
+            if existing is not None:
+                with self._stats_lock:
+                    result.refreshed[path] = obj
             with self._stats_lock:
                 result.chunks_uploaded += 1
                 result.bytes_uploaded += len(obj)
@@ -447,6 +464,14 @@ class Store:
             return False
         self.backend.delete(path)
         return True
+
+    def delete_namespace(self, namespace: str) -> int:
+        """Remove every key of a namespace (manifests only; chunks stay until gc). Returns how many were removed."""
+        if self.read_only:
+            raise ReadOnlyError(f"store {self.url} is read-only")
+        paths = [path for path, _ in self.backend.list(keys.manifest_prefix(namespace))]
+        list(self._pool.map(self.backend.delete, paths))
+        return len(paths)
 
     def verify(self, namespace: str | None = None, key: str | None = None) -> VerifyReport:
         """Re-hash every chunk of one key, or of every manifest (and every chunk object) in the store."""

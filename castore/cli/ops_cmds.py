@@ -1,0 +1,61 @@
+"""Commands for operating a shared bucket: gc (garbage collection) and doctor (why this machine misses)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import click
+
+from castore.cli.common import emit, human_size, json_option, open_cli_store
+
+
+@click.command("gc")
+@click.option("--keep-days", type=click.FloatRange(min=0), default=None, metavar="N",
+              help="Also remove entries not modified for N days (entries a bundle names stay).")
+@click.option("--grace", "grace_hours", type=click.FloatRange(min=0), default=48.0, show_default=True, metavar="H",
+              help="Remove an unreferenced chunk object only when it is older than H hours (at least 13).")
+@click.option("--dry-run", is_flag=True, help="Change nothing; show what would go and the bytes freed.")
+@click.option("-l", "--long", "long_", is_flag=True, help="List every entry and chunk object that goes.")
+@json_option
+@click.pass_context
+def gc_cmd(ctx: click.Context, keep_days: float | None, grace_hours: float, dry_run: bool, long_: bool, as_json: bool) -> None:
+    """Remove chunk objects no entry references (and, with --keep-days, old entries).
+
+    Safe while other machines write: a writer that reuses an old chunk uploads it again first, and gc checks
+    each chunk's age once more right before deleting it (docs/FORMAT.md, 'Deleting and garbage').
+    """
+    from castore.gc import collect
+
+    store = open_cli_store(ctx)
+    report = collect(
+        store, grace=grace_hours * 3600.0, keep_age=None if keep_days is None else keep_days * 86400.0, dry_run=dry_run
+    )
+    data = report.to_dict()
+
+    def render(d: dict[str, Any]) -> str:
+        verb = "would remove" if d["dry_run"] else "removed"
+        lines = []
+        if long_:
+            lines += [f"{verb} entry {e}" for e in d["manifests_expired"]]
+            lines += [f"{verb} chunk {c}" for c in d["chunks_removed"]]
+        lines += [f"unreadable entry kept: {u}" for u in d["unreadable_manifests"]]
+        lines.append(
+            f"{verb} {len(d['manifests_expired'])} of {d['manifests']} entries and {len(d['chunks_removed'])} of "
+            f"{d['chunk_objects']} chunk objects: {human_size(d['bytes_freed'])} ({d['bytes_freed']} bytes) freed"
+        )
+        lines.append(
+            f"kept: {d['referenced_chunks']} referenced chunk objects, {d['young_garbage_chunks']} unreferenced ones "
+            f"younger than {grace_hours:g} h" + (f", {d['chunks_kept_on_recheck']} refreshed meanwhile" if d["chunks_kept_on_recheck"] else "")
+        )
+        if d["stopped_early"]:
+            lines.append(f"note: {d['stopped_early']}")
+        for c in d["lost_chunks"]:
+            lines.append(f"error: chunk {c} was deleted late and a new entry names it: put that entry again")
+        return "\n".join(lines)
+
+    emit(ctx, data, render)
+    if report.lost_chunks:
+        ctx.exit(3)
+
+
+COMMANDS = [gc_cmd]

@@ -1,0 +1,246 @@
+"""Garbage collection, namespace removal and bucket accounting against a real SeaweedFS, and gc racing writers."""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+import castore
+from castore import gc
+from castore.format import keys
+from castore.format.manifest import Manifest
+from castore.store import Store
+
+# Tiny protocol times so objects age within a test: writers refresh chunks older than R, gc removes garbage
+# older than G, gc's delete window (and the writers' re-check delay) D. G - 2R - 1 s leaves gc 1.6 s to sweep.
+R, G, D = 0.7, 4.0, 0.5
+GC_TIMES = {"grace": G, "refresh_age": R, "delete_window": D, "clock_skew": 0.0}
+
+
+def _rand(n: int, seed: int) -> bytes:
+    return random.Random(seed).randbytes(n)
+
+
+def _open(url: str) -> Store:
+    store = castore.open_store(url, cache_size=0)
+    store.chunk_refresh_age = R
+    store.chunk_recheck_delay = D
+    return store
+
+
+def _listing(seaweedfs, bucket: str, prefix: str = "prefix/") -> dict[str, tuple[int, str]]:  # noqa: ANN001
+    """The bucket's own listing (boto3, not castore): key -> (size, etag)."""
+    client = seaweedfs.client()
+    out: dict[str, tuple[int, str]] = {}
+    try:
+        for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
+            for item in page.get("Contents", []):
+                out[item["Key"]] = (item["Size"], item["ETag"])
+    finally:
+        client.close()
+    return out
+
+
+def _chunk_digests(store: Store, namespace: str, key: str) -> set[str]:
+    manifest = store.stat(namespace, key)
+    assert manifest is not None
+    return {ref.digest.hex() for ref in manifest.chunks}
+
+
+def _age_out() -> None:
+    time.sleep(G + gc.MTIME_RESOLUTION + 0.2)
+
+
+@pytest.mark.s3
+@pytest.mark.slow
+def test_gc_removes_exactly_the_unreferenced_old_chunks(seaweedfs, s3_bucket: str, s3_url: str) -> None:  # noqa: ANN001
+    with _open(s3_url) as store:
+        a = _rand(400_000, 1)
+        b = a[:200_000] + _rand(200_000, 2)  # shares its first chunks with a
+        store.put("ns", "a", a)
+        store.put("ns", "b", b)
+        kept_chunks = _chunk_digests(store, "ns", "a")
+        old_garbage = _chunk_digests(store, "ns", "b") - kept_chunks
+        assert old_garbage and _chunk_digests(store, "ns", "b") & kept_chunks
+        store.delete("ns", "b")
+        _age_out()
+        store.put("ns", "young", _rand(300_000, 3))
+        young_garbage = _chunk_digests(store, "ns", "young")
+        store.delete("ns", "young")
+
+        before = _listing(seaweedfs, s3_bucket)
+        dry = gc.collect(store, dry_run=True, **GC_TIMES)
+        assert _listing(seaweedfs, s3_bucket) == before  # a dry run changes nothing
+        assert set(dry.chunks_removed) == old_garbage
+        chunk_sizes = {k.rsplit("/", 1)[-1]: v[0] for k, v in before.items() if "/chunks/" in k}
+        assert dry.chunk_bytes_freed == sum(chunk_sizes[d] for d in old_garbage)
+        assert dry.young_garbage_chunks == len(young_garbage)
+
+        report = gc.collect(store, **GC_TIMES)
+        assert set(report.chunks_removed) == old_garbage
+        assert report.chunk_bytes_freed == dry.chunk_bytes_freed
+        assert not report.stopped_early and not report.lost_chunks
+        after = _listing(seaweedfs, s3_bucket)
+        remaining = {k.rsplit("/", 1)[-1] for k in after if "/chunks/" in k}
+        assert remaining == kept_chunks | young_garbage
+        assert store.get("ns", "a") == a
+        assert store.verify().ok
+
+        # du counts what the bucket's own listing holds, referenced and garbage apart.
+        usage = gc.bucket_usage(store)
+        assert usage.total_bytes == sum(size for size, _ in after.values())
+        assert usage.chunk_objects == len(remaining)
+        assert usage.garbage_objects == len(young_garbage)
+        assert usage.garbage_bytes == sum(after[keys.chunk_path(bytes.fromhex(d)).replace("castore/", "prefix/castore/", 1)][0] for d in young_garbage)
+        assert usage.referenced_objects == len(kept_chunks)
+
+
+@pytest.mark.s3
+@pytest.mark.slow
+def test_keep_age_expires_old_entries_but_not_those_a_bundle_names(seaweedfs, s3_bucket: str, s3_url: str) -> None:  # noqa: ANN001
+    with _open(s3_url) as store:
+        named, unnamed = _rand(200_000, 4), _rand(200_000, 5)
+        store.put("ns", "named", named)
+        store.put("ns", "unnamed", unnamed)
+        unnamed_chunks = _chunk_digests(store, "ns", "unnamed")
+        bundle = Manifest(namespace="bundles", key="job", size=0, digest=bytes(32), kind="bundle", refs=[("ns", "named")])
+        bundle.inline = b"CAS\x00"
+        import hashlib
+
+        bundle.digest = hashlib.sha256(b"").digest()
+        assert store.backend.put(keys.manifest_path("bundles", "job"), bundle.to_bytes())
+        _age_out()
+        store.put("ns", "fresh", _rand(100, 6))
+
+        dry = gc.collect(store, keep_age=G, dry_run=True, **GC_TIMES)
+        assert dry.manifests_expired == ["ns/unnamed"] and dry.bundles == 1
+        assert set(dry.chunks_removed) == unnamed_chunks
+        report = gc.collect(store, keep_age=G, **GC_TIMES)
+        assert report.manifests_expired == ["ns/unnamed"]
+        assert set(report.chunks_removed) == unnamed_chunks
+        assert sorted(k for _, k, _ in store.list("ns")) == ["fresh", "named"]
+        assert store.get("ns", "named") == named
+        usage = gc.bucket_usage(store)
+        assert usage.garbage_objects == 0 and usage.missing_chunks == 0
+        assert usage.total_bytes == sum(size for size, _ in _listing(seaweedfs, s3_bucket).values())
+
+
+@pytest.mark.s3
+def test_rm_namespace_removes_every_key_and_gc_then_frees_the_chunks(s3_url: str, tmp_path: Path) -> None:
+    with _open(s3_url) as store:
+        for i in range(5):
+            store.put("gone", f"k{i}", _rand(50_000, 10 + i))
+        store.put("stays", "k", _rand(50_000, 20))
+        assert store.delete_namespace("gone") == 5
+        assert list(store.list("gone")) == [] and store.get("stays", "k") is not None
+        usage = gc.bucket_usage(store)
+        assert usage.manifests == 1 and usage.garbage_objects > 0
+
+
+def test_grace_shorter_than_twice_the_refresh_age_is_refused(tmp_path: Path) -> None:
+    with castore.open_store(f"file://{tmp_path}/s") as store:
+        with pytest.raises(castore.ConfigError):
+            gc.collect(store, grace=10 * 3600.0)
+
+
+def test_gc_refuses_to_sweep_past_a_manifest_of_a_newer_format(tmp_path: Path) -> None:
+    import msgpack
+
+    with castore.open_store(f"file://{tmp_path}/s") as store:
+        store.put("ns", "k", _rand(100_000, 7))
+        store.backend.put(keys.manifest_path("ns", "future"), msgpack.packb({"format": 99}))
+        for path, _ in store.backend.list(keys.ROOT + "/chunks/"):
+            full = os.path.join(tmp_path, "s", path)
+            os.utime(full, (time.time() - 10 * 86400,) * 2)
+        with pytest.raises(castore.FormatError, match="newer format"):
+            gc.collect(store)
+
+
+# -- the race: a writer publishing an entry that reuses old garbage chunks while gc sweeps ------------------
+TRIALS = int(os.environ.get("CASTORE_GC_RACE_TRIALS", "100"))
+
+
+def _race(url_of, trials: int, *, refresh: bool) -> tuple[int, int]:  # noqa: ANN001
+    """Run ``trials`` independent races, each in its own repository (bucket prefix). Returns (lost, trials)."""
+    blobs = [_rand(150_000, 1000 + i) for i in range(trials)]
+    stores = [_open(url_of(i)) for i in range(trials)]
+    try:
+        for store, blob in zip(stores, blobs):
+            store.put("ns", "k", blob)
+            store.delete("ns", "k")  # every chunk is garbage now...
+        _age_out()  # ...and older than the grace period
+        lost = 0
+        lock = threading.Lock()
+
+        def trial(i: int) -> None:
+            nonlocal lost
+            store, blob = stores[i], blobs[i]
+            if not refresh:
+                store.chunk_refresh_age = float("inf")
+            rng = random.Random(i)
+            errors: list[BaseException] = []
+
+            def writer() -> None:
+                time.sleep(rng.uniform(0, 0.15))
+                try:
+                    store.put("ns", "k", blob)
+                except BaseException as exc:  # noqa: BLE001
+                    errors.append(exc)
+
+            def collector() -> None:
+                time.sleep(rng.uniform(0, 0.15))
+                try:
+                    gc.collect(store, **GC_TIMES)
+                except BaseException as exc:  # noqa: BLE001
+                    errors.append(exc)
+
+            threads = [threading.Thread(target=writer), threading.Thread(target=collector)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(60)
+            assert not errors, errors
+            if store.get("ns", "k") != blob:
+                with lock:
+                    lost += 1
+
+        batch = 10
+        for start in range(0, trials, batch):
+            workers = [threading.Thread(target=trial, args=(i,)) for i in range(start, min(trials, start + batch))]
+            for w in workers:
+                w.start()
+            for w in workers:
+                w.join(120)
+        return lost, trials
+    finally:
+        for store in stores:
+            store.close()
+
+
+@pytest.mark.s3
+@pytest.mark.slow
+def test_a_writer_racing_gc_never_loses_a_chunk(seaweedfs, s3_bucket: str, s3_env, monkeypatch, caplog) -> None:  # noqa: ANN001
+    for name, value in seaweedfs.env().items():
+        monkeypatch.setenv(name, value)
+    caplog.set_level(logging.WARNING, logger="castore")
+    lost, trials = _race(lambda i: seaweedfs.url(s3_bucket, f"race-{i}"), TRIALS, refresh=True)
+    restored = sum("removed by a concurrent gc" in r.getMessage() for r in caplog.records)
+    print(f"gc race: {trials} trials, {lost} entries lost, {restored} refreshed chunks restored by the writer's re-check")
+    assert lost == 0
+
+
+@pytest.mark.s3
+@pytest.mark.slow
+def test_without_the_refresh_the_same_race_loses_chunks(seaweedfs, s3_bucket: str, monkeypatch) -> None:  # noqa: ANN001
+    """The race test has teeth: writers that skip old chunks instead of refreshing them lose entries to gc."""
+    for name, value in seaweedfs.env().items():
+        monkeypatch.setenv(name, value)
+    lost, trials = _race(lambda i: seaweedfs.url(s3_bucket, f"norefresh-{i}"), 30, refresh=False)
+    print(f"gc race without refresh: {trials} trials, {lost} entries lost")
+    assert lost > 0
