@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, TypeVar
 
 from castore.backends.base import Backend, ObjectInfo
-from castore.errors import BackendError, ConfigError, FormatError, ReadOnlyError, UnsupportedFormatVersion
+from castore.errors import BackendError, CastoreError, ConfigError, FormatError, ReadOnlyError, UnsupportedFormatVersion
 from castore.format import keys
 from castore.format.manifest import Manifest
 
@@ -39,6 +39,10 @@ MTIME_RESOLUTION = 1.0
 CLOCK_SKEW = 300.0
 
 T = TypeVar("T")
+
+
+class GcBusy(CastoreError):
+    """Another gc is running on this repository."""
 
 
 # -- the writer's side ------------------------------------------------------------------------------------
@@ -254,6 +258,38 @@ def collect(
         raise ReadOnlyError(f"store {store.url} is read-only")
     bucket = _bucket(store)
     report = GcReport(dry_run=dry_run, grace=grace, keep_age=keep_age)
+    if dry_run:
+        return _collect(store, bucket, report, deadline, grace, keep_age, True, delete_window, clock)
+    lock = _take_lock(bucket, deadline, clock)
+    try:
+        return _collect(store, bucket, report, deadline, grace, keep_age, False, delete_window, clock)
+    finally:
+        bucket.delete(LOCK_PATH)
+
+
+LOCK_PATH = keys.ROOT + "/locks/gc"
+
+
+def _take_lock(bucket: Backend, deadline: float, clock: Callable[[], float]) -> bytes:
+    """One gc at a time (two could delete a chunk that a writer re-uploaded between their HEADs). A lock older
+    than the longest sweep is left over from a gc that died: it is taken over."""
+    import os as _os
+
+    token = f"{_os.uname().nodename} {_os.getpid()} {clock():.0f}".encode()
+    if bucket.put(LOCK_PATH, token, if_absent=True):
+        return token
+    info = bucket.head(LOCK_PATH)
+    if info is not None and (info.modified is None or clock() - info.modified <= deadline + 60):
+        holder = (bucket.get(LOCK_PATH) or b"?").decode(errors="replace")
+        raise GcBusy(f"another gc holds {LOCK_PATH} ({holder}); try again later")
+    bucket.delete(LOCK_PATH)
+    if not bucket.put(LOCK_PATH, token, if_absent=True) or bucket.get(LOCK_PATH) != token:
+        raise GcBusy(f"another gc took {LOCK_PATH} at the same time; try again later")
+    return token
+
+
+def _collect(store: Store, bucket: Backend, report: GcReport, deadline: float, grace: float, keep_age: float | None,
+             dry_run: bool, delete_window: float, clock: Callable[[], float]) -> GcReport:
     mark_started = time.monotonic()
     now = clock()
 

@@ -13,7 +13,7 @@ from castore.cli.common import emit, human_size, json_option, open_cli_store
 @click.option("--keep-days", type=click.FloatRange(min=0), default=None, metavar="N",
               help="Also remove entries not modified for N days (entries a bundle names stay).")
 @click.option("--grace", "grace_hours", type=click.FloatRange(min=0), default=48.0, show_default=True, metavar="H",
-              help="Remove an unreferenced chunk object only when it is older than H hours (at least 13).")
+              help="Remove an unreferenced chunk object only when it is older than H hours (more than 12.1: twice the refresh age plus clock skew).")
 @click.option("--dry-run", is_flag=True, help="Change nothing; show what would go and the bytes freed.")
 @click.option("-l", "--long", "long_", is_flag=True, help="List every entry and chunk object that goes.")
 @json_option
