@@ -58,4 +58,38 @@ def gc_cmd(ctx: click.Context, keep_days: float | None, grace_hours: float, dry_
         ctx.exit(3)
 
 
-COMMANDS = [gc_cmd]
+@click.command("doctor")
+@click.option("--bundle", metavar="NAME", help="Compare with the environment a bundle was built in.")
+@click.option("--namespace", "namespaces", multiple=True, metavar="NS",
+              help="Compare with the entries of NS (repeatable; default: every torch-* namespace).")
+@json_option
+@click.pass_context
+def doctor(ctx: click.Context, bundle: str | None, namespaces: tuple[str, ...], as_json: bool) -> None:
+    """Explain why this machine misses: its environment against the one the entries (or a bundle) were written in.
+
+    Names every field that differs (torch, Triton, CUDA, GPU, CPU vector ISA, Python, compile flags) with the
+    fix, and how many entries this machine would hit if they matched. Imports torch.
+    """
+    from castore.format.keys import validate_namespace
+    from castore.torch.doctor import diagnose  # imports torch: only this command pays for it
+
+    for ns in namespaces:
+        validate_namespace(ns)
+    store = open_cli_store(ctx)
+    report = diagnose(store, namespaces=list(namespaces) or None, bundle=bundle)
+
+    def render(d: dict[str, Any]) -> str:
+        here = d["here"]
+        gpu = f"{here.get('gpu_name')} (capability {here.get('gpu_capability')}, cuda:{here.get('gpu_index')})" if here.get("gpu_name") else "none"
+        head = [
+            f"this machine: torch {here.get('torch')}, Triton {here.get('triton') or 'none'}, CUDA {here.get('cuda') or 'none'}, "
+            f"GPU {gpu}, CPU {here.get('cpu_arch')} {here.get('cpu_isa')}, Python {here.get('python')}",
+            f"looks in:     {d['url']} namespace {d['namespace']}",
+            "",
+        ]
+        return "\n".join(head + d["advice"])
+
+    emit(ctx, report.to_dict(), render)
+
+
+COMMANDS = [gc_cmd, doctor]
