@@ -382,18 +382,22 @@ def _collect(store: Store, bucket: Backend, report: GcReport, deadline: float, g
         )
     report.late_deletes = len(late)
     if late:
-        report.lost_chunks = _late_deletes_now_named(store, late, {r.path for r in records})
+        report.lost_chunks = _late_deletes_now_named(store, late, {r.path: r.modified for r in records}, delete_window)
     return report
 
 
-def _late_deletes_now_named(store: Store, late: Iterable[str], seen: set[str]) -> list[str]:
-    """Late deletes that a manifest published since the mark names: the writer's re-check may have missed them."""
+def _late_deletes_now_named(store: Store, late: Iterable[str], marked: dict[str, float | None], delete_window: float) -> list[str]:
+    """Late deletes that a manifest published (or rewritten) since the mark names: the writer's re-check may have
+    missed them."""
     late_digests = {keys.parse_chunk_path(p) for p in late}
-    lost = set()
+    named = set()
     for r in read_manifests(store):
-        if r.path in seen or r.manifest is None:
+        if r.manifest is None or (r.path in marked and r.modified == marked[r.path]):
             continue
-        lost.update(ref.digest.hex() for ref in r.manifest.chunks if ref.digest in late_digests)
+        named.update(ref.digest for ref in r.manifest.chunks if ref.digest in late_digests)
+    time.sleep(delete_window)  # the writers' re-checks, which re-upload what they find missing
+    bucket = _bucket(store)
+    lost = {d.hex() for d in named if bucket.head(keys.chunk_path(d)) is None}
     for digest in sorted(lost):
         log.error("castore: gc deleted chunk %s late and a new manifest names it: re-put that entry", digest)
     return sorted(lost)
