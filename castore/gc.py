@@ -260,7 +260,7 @@ def collect(
     report = GcReport(dry_run=dry_run, grace=grace, keep_age=keep_age)
     if dry_run:
         return _collect(store, bucket, report, deadline, grace, keep_age, True, delete_window, clock)
-    lock = _take_lock(bucket, deadline, clock)
+    _take_lock(bucket, deadline, clock)
     try:
         return _collect(store, bucket, report, deadline, grace, keep_age, False, delete_window, clock)
     finally:

@@ -13,9 +13,9 @@ import pytest
 
 import castore
 from castore import gc
+from castore.backends.base import Backend
 from castore.format import keys
 from castore.format.manifest import Manifest
-from castore.backends.base import Backend
 from castore.store import Store
 
 # Tiny protocol times so objects age within a test: writers refresh chunks older than R, gc removes garbage
@@ -145,9 +145,8 @@ def test_rm_namespace_removes_every_key_and_gc_then_frees_the_chunks(s3_url: str
 
 
 def test_grace_shorter_than_twice_the_refresh_age_is_refused(tmp_path: Path) -> None:
-    with castore.open_store(f"file://{tmp_path}/s") as store:
-        with pytest.raises(castore.ConfigError):
-            gc.collect(store, grace=10 * 3600.0)
+    with castore.open_store(f"file://{tmp_path}/s") as store, pytest.raises(castore.ConfigError):
+        gc.collect(store, grace=10 * 3600.0)
 
 
 def test_gc_refuses_to_sweep_past_a_manifest_of_a_newer_format(tmp_path: Path) -> None:

@@ -82,8 +82,9 @@ def doctor(ctx: click.Context, bundle: str | None, namespaces: tuple[str, ...], 
         here = d["here"]
         gpu = f"{here.get('gpu_name')} (capability {here.get('gpu_capability')}, cuda:{here.get('gpu_index')})" if here.get("gpu_name") else "none"
         head = [
-            f"this machine: torch {here.get('torch')}, Triton {here.get('triton') or 'none'}, CUDA {here.get('cuda') or 'none'}, "
-            f"GPU {gpu}, CPU {here.get('cpu_arch')} {here.get('cpu_isa')}, Python {here.get('python')}",
+            (f"this machine: torch {here.get('torch')}, Triton {here.get('triton') or 'none'}, "
+             f"CUDA {here.get('cuda') or 'none'}, GPU {gpu}, CPU {here.get('cpu_arch')} {here.get('cpu_isa')}, "
+             f"Python {here.get('python')}"),
             f"looks in:     {d['url']} namespace {d['namespace']}",
             "",
         ]

@@ -184,7 +184,7 @@ def _diagnose_bundle(store: Store, report: DoctorReport, name: str) -> DoctorRep
 
     candidates = []
     for ns in store.namespaces():
-        keys_ = [k for _, k, _ in store.list(ns) if k == name or k.startswith(name + "@") or k.startswith(name + ".")]
+        keys_ = [k for _, k, _ in store.list(ns) if k == name or k.startswith((name + "@", name + "."))]
         if not keys_:
             continue
         for record in read_manifests(store, ns):

@@ -81,7 +81,7 @@ def _gpu() -> dict[str, Any]:
             index = torch.cuda.current_device()
             major, minor = torch.cuda.get_device_capability(index)
             return {"gpu_name": torch.cuda.get_device_name(index), "gpu_capability": f"{major}.{minor}", "gpu_index": index}
-    except Exception:  # noqa: BLE001 - a broken driver is a CPU machine for the fingerprint
+    except Exception:  # noqa: BLE001, S110 - a broken driver is a CPU machine for the fingerprint
         pass
     return {"gpu_name": "", "gpu_capability": "", "gpu_index": ""}
 
