@@ -136,12 +136,15 @@ def _bucket(store: Store) -> Backend:
     return backend.inner if isinstance(backend, LocalLayer) else backend
 
 
-def read_manifests(store: Store, namespace: str | None = None) -> list[ManifestRecord]:
-    """Every manifest object (of one namespace, or all), read from the bucket in parallel and parsed."""
+def read_manifests(store: Store, namespace: str | None = None, *, limit: int | None = None) -> list[ManifestRecord]:
+    """Every manifest object (of one namespace, or all), read from the bucket in parallel and parsed; with limit,
+    only that many of the most recently modified."""
     bucket = _bucket(store)
     prefix = keys.manifest_prefix(namespace) if namespace else keys.ROOT + "/manifests/"
     root = len(keys.ROOT + "/manifests/")
     listed = [(path, info) for path, info in bucket.scan(prefix) if "/" in path[root:]]
+    if limit is not None and len(listed) > limit:
+        listed = sorted(listed, key=lambda item: item[1].modified or 0.0, reverse=True)[:limit]
 
     def read(item: tuple[str, ObjectInfo]) -> ManifestRecord | None:
         path, info = item

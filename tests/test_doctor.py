@@ -85,9 +85,18 @@ def test_doctor_names_the_one_field_that_differs(s3_url: str, tmp_path: Path, he
 
 
 def test_doctor_sees_an_unnamed_config_change_through_the_hash(s3_url: str, tmp_path: Path, here, namespace: str) -> None:  # noqa: ANN001
-    _write_entries(s3_url, namespace, dict(here, inductor_config_hash="f" * 16), 2, "h")
+    _write_entries(s3_url, namespace, dict(here, inductor_config_hash="f" * 16, inductor_changed=""), 2, "h")
     code, report = _doctor(s3_url, tmp_path)
     assert code == 0 and list(report["groups"][0]["differs"]) == ["inductor_config_hash"]
+
+
+def test_doctor_names_a_path_set_in_the_config_behind_the_hash(s3_url: str, tmp_path: Path, here, namespace: str) -> None:  # noqa: ANN001
+    changed = json.dumps({"aot_inductor.output_path": "/home/ci/out"})
+    _write_entries(s3_url, namespace, dict(here, inductor_config_hash="e" * 16, inductor_changed=changed), 2, "p")
+    code, report = _doctor(s3_url, tmp_path)
+    differs = report["groups"][0]["differs"]
+    assert code == 0 and list(differs) == ["inductor.aot_inductor.output_path"], differs
+    assert "a path that enters PyTorch's keys" in differs["inductor.aot_inductor.output_path"]["fix"]
 
 
 def test_doctor_says_entries_of_the_same_environment_can_hit(s3_url: str, tmp_path: Path, here, namespace: str) -> None:  # noqa: ANN001

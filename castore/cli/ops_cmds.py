@@ -62,9 +62,11 @@ def gc_cmd(ctx: click.Context, keep_days: float | None, grace_hours: float, dry_
 @click.option("--bundle", metavar="NAME", help="Compare with the environment a bundle was built in.")
 @click.option("--namespace", "namespaces", multiple=True, metavar="NS",
               help="Compare with the entries of NS (repeatable; default: every torch-* namespace).")
+@click.option("--limit", type=click.IntRange(min=1), default=5000, show_default=True,
+              help="Read at most this many entries per namespace (the most recent).")
 @json_option
 @click.pass_context
-def doctor(ctx: click.Context, bundle: str | None, namespaces: tuple[str, ...], as_json: bool) -> None:
+def doctor(ctx: click.Context, bundle: str | None, namespaces: tuple[str, ...], limit: int, as_json: bool) -> None:
     """Explain why this machine misses: its environment against the one the entries (or a bundle) were written in.
 
     Names every field that differs (torch, Triton, CUDA, GPU, CPU vector ISA, Python, compile flags) with the
@@ -76,7 +78,7 @@ def doctor(ctx: click.Context, bundle: str | None, namespaces: tuple[str, ...], 
     for ns in namespaces:
         validate_namespace(ns)
     store = open_cli_store(ctx)
-    report = diagnose(store, namespaces=list(namespaces) or None, bundle=bundle)
+    report = diagnose(store, namespaces=list(namespaces) or None, bundle=bundle, limit=limit)
 
     def render(d: dict[str, Any]) -> str:
         here = d["here"]

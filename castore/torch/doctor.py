@@ -8,6 +8,8 @@ that differs with what to do about it.
 
 from __future__ import annotations
 
+import json
+import os
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -18,6 +20,7 @@ from castore.torch.fingerprint import Fingerprint, fingerprint, from_meta
 if TYPE_CHECKING:
     from castore.store import Store
 
+DEFAULT_LIMIT = 5000  # entries read per namespace: the most recent ones
 # Fields that tell where an entry came from but that no key contains.
 _INFORMATIONAL = {"os"}
 
@@ -122,46 +125,82 @@ def fix_for(name: str, here: object, there: object) -> str:
     return "make it match the writers'"
 
 
+def _settings(text: object) -> dict[str, object] | None:
+    try:
+        value = json.loads(text) if isinstance(text, str) and text else None
+    except ValueError:
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def _setting_diffs(module: str, here: Fingerprint, there: Fingerprint, named: set[str]) -> list[FieldDiff] | None:
+    """The settings of torch._<module>.config behind a differing hash, from the changed-from-default lists both
+    sides recorded; None when either side did not record one."""
+    mine, theirs = _settings(here.get(f"{module}_changed")), _settings(there.get(f"{module}_changed"))
+    if mine is None or theirs is None:
+        return None
+    diffs = []
+    for setting in sorted(set(mine) | set(theirs)):
+        if f"flag.{module}.{setting}" in named or mine.get(setting) == theirs.get(setting):
+            continue
+        h, t = mine.get(setting, "(default)"), theirs.get(setting, "(default)")
+        fix = f"set torch._{module}.config.{setting} = {t} as the writers did" if setting in theirs else (
+            f"leave torch._{module}.config.{setting} at PyTorch's default, as the writers did")
+        if any(isinstance(v, str) and "/" in v for v in (h, t)):
+            fix += " (a path that enters PyTorch's keys: use the same path on every machine)"
+        diffs.append(FieldDiff(f"{module}.{setting}", h, t, fix))
+    return diffs
+
+
 def compare(here: Fingerprint, there: Fingerprint) -> list[FieldDiff]:
     """The fields recorded in ``there`` that differ here (an entry records what its castore version knew)."""
     diffs = []
-    named_flag = {f.split(".")[1] for f, v in there.items() if f.startswith("flag.") and here.get(f) != v}
+    named = {f for f, v in there.items() if f.startswith("flag.") and f in here and here[f] != v}
     for name, value in there.items():
-        if name in _INFORMATIONAL or name not in here or here[name] == value:
+        if name in _INFORMATIONAL or name.endswith("_changed") or name not in here or here[name] == value:
             continue
         if name == "gpu_index" and not here.get("gpu_name") and not there.get("gpu_name"):
             continue
-        # A named flag that differs also changes its module's hash: the hash adds nothing then.
-        if name == "inductor_config_hash" and "inductor" in named_flag or name == "functorch_config_hash" and "functorch" in named_flag:
-            continue
+        if name.endswith("_config_hash"):
+            # Name the settings behind the hash; a named flag that differs explains its module's hash already.
+            module = name.split("_")[0]
+            settings = _setting_diffs(module, here, there, named)
+            if settings:
+                diffs.extend(settings)
+                continue
+            if any(f.startswith(f"flag.{module}.") for f in named):
+                continue
         diffs.append(FieldDiff(name, here[name], value, fix_for(name, here[name], value)))
     return diffs
 
 
 def _namespaces(store: Store, wanted: list[str] | None, here_ns: str) -> list[str]:
+    """The namespaces given; else the torch integration's (torch-<version>) and this machine's; else every one."""
     if wanted:
         return wanted
-    found = [ns for ns in store.namespaces() if ns.startswith("torch-")]
-    return sorted(set(found) | ({here_ns} & set(store.namespaces())))
+    present = store.namespaces()
+    found = sorted({ns for ns in present if ns.startswith("torch-")} | ({here_ns} & set(present)))
+    return found or present
 
 
 def diagnose(store: Store, *, namespaces: list[str] | None = None, bundle: str | None = None, here: Fingerprint | None = None,
-             here_namespace: str | None = None) -> DoctorReport:
-    """Compare this machine's fingerprint with the bundle's, or with the entries of the torch namespaces."""
+             here_namespace: str | None = None, limit: int | None = DEFAULT_LIMIT) -> DoctorReport:
+    """Compare this machine's fingerprint with the bundle's, or with the entries of the torch namespaces (the
+    ``limit`` most recent of each)."""
     from castore.gc import read_manifests
 
     here = dict(here if here is not None else fingerprint())
     if here_namespace is None:
         from castore.torch import default_namespace
 
-        here_namespace = default_namespace()
+        here_namespace = os.environ.get("CASTORE_NAMESPACE") or default_namespace()
     report = DoctorReport(url=store.url, here=here, namespace=here_namespace)
     if bundle is not None:
         return _diagnose_bundle(store, report, bundle)
 
     by_env: dict[tuple[tuple[str, object], ...], tuple[Fingerprint, Counter[str]]] = {}
     for ns in _namespaces(store, namespaces, here_namespace):
-        for record in read_manifests(store, ns):
+        for record in read_manifests(store, ns, limit=limit):
             if record.manifest is None or record.manifest.kind == "bundle":
                 continue
             report.entries += 1

@@ -41,6 +41,7 @@ _CASTORE_SWITCHES = {
 }
 
 Fingerprint = dict[str, str | int | float | bool | None]
+MAX_CHANGED_CHARS = 4000
 
 
 @functools.cache
@@ -144,6 +145,21 @@ def _config_hash(module_name: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
+def _changed(module_name: str) -> str:
+    """The settings of a torch config module that differ from PyTorch's defaults and enter its keys, as sorted JSON
+    (names what a differing hash stands for: a flag, or a path set in the config)."""
+    import importlib
+
+    module = importlib.import_module(module_name)
+    try:
+        portable = module.save_config_portable()
+        changed = module._get_dict(skip_default=True)
+    except Exception:  # noqa: BLE001 - a torch without these
+        return ""
+    values = {k: v for k, v in changed.items() if k in portable and k.rsplit(".", 1)[-1] not in _CASTORE_SWITCHES}
+    return json.dumps(values, sort_keys=True, default=repr)[:MAX_CHANGED_CHARS]
+
+
 def _scalar(value: Any) -> str | int | float | bool | None:
     return value if value is None or isinstance(value, (str, int, float, bool)) else repr(value)
 
@@ -159,6 +175,8 @@ def fingerprint() -> Fingerprint:
         fp[f"flag.functorch.{name}"] = _scalar(_config_value("torch._functorch.config", name))
     fp["inductor_config_hash"] = _config_hash("torch._inductor.config")
     fp["functorch_config_hash"] = _config_hash("torch._functorch.config")
+    fp["inductor_changed"] = _changed("torch._inductor.config")
+    fp["functorch_changed"] = _changed("torch._functorch.config")
     return fp
 
 
