@@ -45,6 +45,10 @@ class GcBusy(CastoreError):
     """Another gc is running on this repository."""
 
 
+class GcRefused(FormatError):
+    """gc will not sweep: a manifest it cannot read may name chunks it would remove."""
+
+
 # -- the writer's side ------------------------------------------------------------------------------------
 def needs_refresh(info: ObjectInfo, refresh_age: float = REFRESH_AGE, now: float | None = None) -> bool:
     """Whether a writer that found this existing chunk object must re-upload it before naming it in a manifest.
@@ -246,10 +250,12 @@ def collect(
     delete_window: float = DELETE_WINDOW,
     clock_skew: float = CLOCK_SKEW,
     clock: Callable[[], float] = time.time,
+    ignore_unreadable: bool = False,
 ) -> GcReport:
     """Mark every manifest kept (and the entries bundles name), then sweep the chunk objects none of them names
     that are older than ``grace`` seconds. With ``keep_age``, manifests older than that (by modification time)
-    and named by no bundle are removed first. ``dry_run`` changes nothing and reports what would go.
+    and named by no bundle are removed first. ``dry_run`` changes nothing and reports what would go. A manifest
+    that cannot be read stops gc (GcRefused) unless ``ignore_unreadable``.
     """
     deadline = sweep_deadline(grace, refresh_age, clock_skew)
     if deadline <= 0:
@@ -262,10 +268,10 @@ def collect(
     bucket = _bucket(store)
     report = GcReport(dry_run=dry_run, grace=grace, keep_age=keep_age)
     if dry_run:
-        return _collect(store, bucket, report, deadline, grace, keep_age, True, delete_window, clock)
+        return _collect(store, bucket, report, deadline, grace, keep_age, True, delete_window, clock, ignore_unreadable)
     _take_lock(bucket, deadline, clock)
     try:
-        return _collect(store, bucket, report, deadline, grace, keep_age, False, delete_window, clock)
+        return _collect(store, bucket, report, deadline, grace, keep_age, False, delete_window, clock, ignore_unreadable)
     finally:
         bucket.delete(LOCK_PATH)
 
@@ -292,7 +298,7 @@ def _take_lock(bucket: Backend, deadline: float, clock: Callable[[], float]) -> 
 
 
 def _collect(store: Store, bucket: Backend, report: GcReport, deadline: float, grace: float, keep_age: float | None,
-             dry_run: bool, delete_window: float, clock: Callable[[], float]) -> GcReport:
+             dry_run: bool, delete_window: float, clock: Callable[[], float], ignore_unreadable: bool) -> GcReport:
     mark_started = time.monotonic()
     now = clock()
 
@@ -320,16 +326,31 @@ def _collect(store: Store, bucket: Backend, report: GcReport, deadline: float, g
         else:
             kept.append(r)
     marked = {ref.digest for r in kept for ref in r.manifest.chunks}  # type: ignore[union-attr]
+    if report.unreadable_manifests and not ignore_unreadable:
+        # A manifest gc cannot read names chunks gc cannot see (damaged, or written by a reader gc does not know).
+        why = (f"{len(report.unreadable_manifests)} manifests cannot be read (first: {report.unreadable_manifests[0]}); "
+               "remove them with `castore rm NS KEY`, or pass --ignore-unreadable to sweep their chunks too")
+        if not dry_run:
+            raise GcRefused(why)
+        report.stopped_early = "gc would refuse: " + why
 
-    for r in expired:
+    lock = threading.Lock()
+
+    def expire(r: ManifestRecord) -> None:
         if not dry_run:
             info = bucket.head(r.path)  # rewritten since we read it (put --force): a new entry, keep it
             if info is None or (info.modified is not None and now - info.modified <= keep_age):  # type: ignore[operator]
-                marked.update(ref.digest for ref in r.manifest.chunks)  # type: ignore[union-attr]
-                continue
+                with lock:
+                    marked.update(ref.digest for ref in r.manifest.chunks)  # type: ignore[union-attr]
+                return
             store.backend.delete(r.path)
-        report.manifests_expired.append(f"{r.namespace}/{r.key}")
-        report.manifest_bytes_freed += r.size
+        with lock:
+            report.manifests_expired.append(f"{r.namespace}/{r.key}")
+            report.manifest_bytes_freed += r.size
+
+    with ThreadPoolExecutor(max_workers=min(16, bucket.max_concurrency), thread_name_prefix="castore-gc") as pool:
+        list(pool.map(expire, expired))
+    report.manifests_expired.sort()
 
     # Sweep: candidates from the listing, each re-checked with a HEAD right before its DELETE.
     candidates: list[tuple[str, int]] = []
@@ -349,7 +370,6 @@ def _collect(store: Store, bucket: Backend, report: GcReport, deadline: float, g
         report.chunk_bytes_freed = sum(size for _, size in candidates)
         return report
 
-    lock = threading.Lock()
     late: list[str] = []
     stop = threading.Event()
 

@@ -368,3 +368,20 @@ def test_without_the_refresh_that_interleaving_loses_the_entry(tmp_path: Path, c
     with writer:
         assert restored == 0 and report.chunks_removed
         assert writer.get("ns", "k") is None and not writer.verify().ok
+
+
+def test_an_unreadable_manifest_stops_gc_unless_told_to_ignore_it(tmp_path: Path) -> None:
+    with castore.open_store(f"file://{tmp_path}/s") as store:
+        store.put("ns", "k", _rand(100_000, 8))
+        store.put("ns", "gone", _rand(100_000, 9))
+        store.delete("ns", "gone")
+        store.backend.put(keys.manifest_path("ns", "broken"), b"\x93not a manifest")
+        _age_files(tmp_path / "s", 3 * 86400)
+        dry = gc.collect(store, dry_run=True)
+        assert dry.unreadable_manifests and "would refuse" in dry.stopped_early
+        before = sorted(store.backend.list(keys.ROOT + "/chunks/"))
+        with pytest.raises(gc.GcRefused, match="cannot be read"):
+            gc.collect(store)
+        assert sorted(store.backend.list(keys.ROOT + "/chunks/")) == before  # nothing deleted
+        report = gc.collect(store, ignore_unreadable=True)
+        assert report.chunks_removed and store.get("ns", "k") is not None

@@ -15,10 +15,12 @@ from castore.cli.common import emit, human_size, json_option, open_cli_store
 @click.option("--grace", "grace_hours", type=click.FloatRange(min=0), default=48.0, show_default=True, metavar="H",
               help="Remove an unreferenced chunk object only when it is older than H hours (more than 12.1: twice the refresh age plus clock skew).")
 @click.option("--dry-run", is_flag=True, help="Change nothing; show what would go and the bytes freed.")
+@click.option("--ignore-unreadable", is_flag=True, help="Sweep even when some manifests cannot be read (their chunks go).")
 @click.option("-l", "--long", "long_", is_flag=True, help="List every entry and chunk object that goes.")
 @json_option
 @click.pass_context
-def gc_cmd(ctx: click.Context, keep_days: float | None, grace_hours: float, dry_run: bool, long_: bool, as_json: bool) -> None:
+def gc_cmd(ctx: click.Context, keep_days: float | None, grace_hours: float, dry_run: bool, ignore_unreadable: bool,
+           long_: bool, as_json: bool) -> None:
     """Remove chunk objects no entry references (and, with --keep-days, old entries).
 
     Safe while other machines write: a writer that reuses an old chunk uploads it again first, and gc checks
@@ -28,7 +30,8 @@ def gc_cmd(ctx: click.Context, keep_days: float | None, grace_hours: float, dry_
 
     store = open_cli_store(ctx)
     report = collect(
-        store, grace=grace_hours * 3600.0, keep_age=None if keep_days is None else keep_days * 86400.0, dry_run=dry_run
+        store, grace=grace_hours * 3600.0, keep_age=None if keep_days is None else keep_days * 86400.0, dry_run=dry_run,
+        ignore_unreadable=ignore_unreadable,
     )
     data = report.to_dict()
 
@@ -38,7 +41,7 @@ def gc_cmd(ctx: click.Context, keep_days: float | None, grace_hours: float, dry_
         if long_:
             lines += [f"{verb} entry {e}" for e in d["manifests_expired"]]
             lines += [f"{verb} chunk {c}" for c in d["chunks_removed"]]
-        lines += [f"unreadable entry kept: {u}" for u in d["unreadable_manifests"]]
+        lines += [f"unreadable entry: {u}" for u in d["unreadable_manifests"]]
         lines.append(
             f"{verb} {len(d['manifests_expired'])} of {d['manifests']} entries and {len(d['chunks_removed'])} of "
             f"{d['chunk_objects']} chunk objects: {human_size(d['bytes_freed'])} ({d['bytes_freed']} bytes) freed"
