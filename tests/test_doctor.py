@@ -128,3 +128,19 @@ def test_entries_record_their_writers_fingerprint(here) -> None:  # noqa: ANN001
     meta = session_meta()
     assert from_meta(meta) == here
     assert meta["torch"] == here["torch"]  # the older fields stay
+
+
+@pytest.mark.slow
+def test_the_isa_read_without_compiling_is_the_one_inductor_picks() -> None:
+    """Writers record Inductor's pick (probed while compiling); doctor reads it without compiling: they agree."""
+    import subprocess
+    import sys
+
+    code = (
+        "from castore.torch.fingerprint import cpu_isa; before = cpu_isa()\n"
+        "from torch._inductor import cpu_vec_isa; picked = str(cpu_vec_isa.pick_vec_isa())\n"
+        "print(repr((before, picked, cpu_isa())))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=True).stdout
+    before, picked, after = eval(out.strip().splitlines()[-1])  # noqa: S307 - our own repr of three strings
+    assert before == picked == after
