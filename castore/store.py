@@ -206,7 +206,7 @@ class Store:
             result.chunks_total = len(refs)
         published = self.backend.put(keys.manifest_path(namespace, key), manifest.to_bytes(), if_absent=not overwrite)
         result.published = published
-        if result.refreshed and published:  # else another writer's manifest stands, protected by its writer
+        if result.refreshed:  # published or not: writers that found the chunk young since rely on this refresh
             gc_protocol.recheck_refreshed(self.backend, result.refreshed, self.chunk_recheck_delay)
         self._bump(puts=1, bytes_written=result.bytes_uploaded, chunks_uploaded=result.chunks_uploaded,
                    chunks_deduplicated=result.chunks_total - result.chunks_uploaded)
