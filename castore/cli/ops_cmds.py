@@ -76,7 +76,11 @@ def doctor(ctx: click.Context, bundle: str | None, namespaces: tuple[str, ...], 
     fix, and how many entries this machine would hit if they matched. Imports torch.
     """
     from castore.format.keys import validate_namespace
-    from castore.torch.doctor import diagnose  # imports torch: only this command pays for it
+
+    try:
+        from castore.torch.doctor import diagnose  # imports torch: only this command pays for it
+    except ImportError as exc:
+        raise click.UsageError(f"castore doctor compares this machine's PyTorch with the bucket's: {exc}") from exc
 
     for ns in namespaces:
         validate_namespace(ns)
