@@ -77,10 +77,11 @@ def doctor(ctx: click.Context, bundle: str | None, namespaces: tuple[str, ...], 
     """
     from castore.format.keys import validate_namespace
 
-    try:
-        from castore.torch.doctor import diagnose  # imports torch: only this command pays for it
-    except ImportError as exc:
-        raise click.UsageError(f"castore doctor compares this machine's PyTorch with the bucket's: {exc}") from exc
+    import importlib.util
+
+    if importlib.util.find_spec("torch") is None:
+        raise click.UsageError("castore doctor compares this machine's PyTorch with the bucket's: install torch first")
+    from castore.torch.doctor import diagnose  # imports torch: only this command pays for it
 
     for ns in namespaces:
         validate_namespace(ns)
