@@ -204,6 +204,16 @@ def bucket_usage(store: Store) -> BucketUsage:
     return usage
 
 
+def delete_namespace(store: Store, namespace: str) -> int:
+    """Remove every key of a namespace (manifests only; chunks stay until gc). Returns how many were removed."""
+    if store.read_only:
+        raise ReadOnlyError(f"store {store.url} is read-only")
+    paths = [path for path, _ in store.backend.list(keys.manifest_prefix(namespace))]
+    with ThreadPoolExecutor(max_workers=min(16, store.backend.max_concurrency), thread_name_prefix="castore-rm") as pool:
+        list(pool.map(store.backend.delete, paths))
+    return len(paths)
+
+
 # -- gc ---------------------------------------------------------------------------------------------------
 @dataclass
 class GcReport:
@@ -435,6 +445,7 @@ __all__ = [
     "GcReport",
     "bucket_usage",
     "collect",
+    "delete_namespace",
     "needs_refresh",
     "publish_in_time",
     "read_manifests",

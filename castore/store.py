@@ -465,14 +465,6 @@ class Store:
         self.backend.delete(path)
         return True
 
-    def delete_namespace(self, namespace: str) -> int:
-        """Remove every key of a namespace (manifests only; chunks stay until gc). Returns how many were removed."""
-        if self.read_only:
-            raise ReadOnlyError(f"store {self.url} is read-only")
-        paths = [path for path, _ in self.backend.list(keys.manifest_prefix(namespace))]
-        list(self._pool.map(self.backend.delete, paths))
-        return len(paths)
-
     def verify(self, namespace: str | None = None, key: str | None = None) -> VerifyReport:
         """Re-hash every chunk of one key, or of every manifest (and every chunk object) in the store."""
         report = VerifyReport()

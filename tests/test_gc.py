@@ -138,7 +138,7 @@ def test_rm_namespace_removes_every_key_and_gc_then_frees_the_chunks(s3_url: str
         for i in range(5):
             store.put("gone", f"k{i}", _rand(50_000, 10 + i))
         store.put("stays", "k", _rand(50_000, 20))
-        assert store.delete_namespace("gone") == 5
+        assert gc.delete_namespace(store, "gone") == 5
         assert list(store.list("gone")) == [] and store.get("stays", "k") is not None
         usage = gc.bucket_usage(store)
         assert usage.manifests == 1 and usage.garbage_objects > 0

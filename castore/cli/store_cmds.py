@@ -258,12 +258,13 @@ def stat_cmd(ctx: click.Context, namespace: str, key: str, as_json: bool) -> Non
 @click.pass_context
 def rm(ctx: click.Context, namespace: str, key: str | None, as_json: bool) -> None:
     """Remove a key, or with no KEY every key of NAMESPACE (chunks stay until `castore gc`: others may share them)."""
-    from castore.format.keys import validate_namespace
-
     store = open_cli_store(ctx)
     if key is None:
+        from castore.format.keys import validate_namespace
+        from castore.gc import delete_namespace
+
         validate_namespace(namespace)
-        removed = store.delete_namespace(namespace)
+        removed = delete_namespace(store, namespace)
         if not removed:
             raise Miss(f"{namespace}: no such namespace")
         emit(ctx, {"namespace": namespace, "deleted": removed}, lambda s: f"removed {removed} keys of {namespace}")
