@@ -14,6 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import TypeVar
 
+from castore import gc as gc_protocol
 from castore.backends.base import Backend
 from castore.errors import CorruptChunkError, FormatError, MovedEntryError, ReadOnlyError, UnsafeTreeError, UntrustedEntryError
 from castore.format import chunking, keys
@@ -42,6 +43,8 @@ class PutResult:
     chunks_total: int = 0
     chunks_uploaded: int = 0
     bytes_uploaded: int = 0
+    # Existing chunk objects re-uploaded because they were old (gc protocol, FORMAT.md 5), path -> object.
+    refreshed: dict[str, bytes] = field(default_factory=dict, repr=False)
 
 
 @dataclass
@@ -91,6 +94,11 @@ class Usage:
 
 
 class Store:
+    #: The gc protocol's writer side (FORMAT.md 5): reused chunk objects older than this are uploaded again, and
+    #: chunks so refreshed are checked again this long after (tests shorten both).
+    chunk_refresh_age: float = gc_protocol.REFRESH_AGE
+    chunk_recheck_delay: float = gc_protocol.DELETE_WINDOW
+
     def __init__(
         self,
         backend: Backend,
@@ -262,7 +270,10 @@ class Store:
             params = chunking.params_for_size(len(view))
             manifest.chunker = params
             pieces = list(chunking.cut(view, params))
-            refs = list(self._pool.map(lambda piece: self._upload_chunk(piece, progress, result), pieces))
+            refs = gc_protocol.publish_in_time(
+                lambda: list(self._pool.map(lambda piece: self._upload_chunk(piece, progress, result), pieces)),
+                self.chunk_refresh_age,
+            )
             manifest.chunks = refs
             result.chunks_total = len(refs)
         body = manifest.body_bytes()
@@ -273,6 +284,8 @@ class Store:
                         "readers that require signatures, this one included, will refuse them")
         published = self.backend.put(keys.manifest_path(namespace, key), encode_envelope(body, signatures), if_absent=not overwrite)
         result.published = published
+        if result.refreshed:  # published or not: writers that found the chunk young since rely on this refresh
+            gc_protocol.recheck_refreshed(self.backend, result.refreshed, self.chunk_recheck_delay)
         self._bump(puts=1, bytes_written=result.bytes_uploaded, chunks_uploaded=result.chunks_uploaded,
                    chunks_deduplicated=result.chunks_total - result.chunks_uploaded)
         return result
@@ -282,9 +295,13 @@ class Store:
         path = keys.chunk_path(digest)
         obj, codec = codecs.encode_chunk(piece)
         ref = ChunkRef(digest, len(piece), len(obj), codec)
-        if self._chunk_needs_upload(path, obj, ref):
+        upload, existed = self._chunk_needs_upload(path, obj, ref)
+        if upload:
             self.backend.put(path, obj)
             self._forgive(path)
+            if existed:  # a refresh or a heal: gc may have judged the old object by its age (gc.py)
+                with self._stats_lock:
+                    result.refreshed[path] = obj
             with self._stats_lock:
                 result.chunks_uploaded += 1
                 result.bytes_uploaded += len(obj)
@@ -292,28 +309,32 @@ class Store:
             progress(len(piece))
         return ref
 
-    def _chunk_needs_upload(self, path: str, obj: bytes, ref: ChunkRef) -> bool:
-        """Whether the bucket lacks a valid copy of this chunk. A HEAD decides when the object is missing, or has
-        our size and (where the backend reports one) our MD5; otherwise the object is read and verified, and a
-        different but valid encoding of the chunk is kept (two writers never replace each other's copy)."""
+    def _chunk_needs_upload(self, path: str, obj: bytes, ref: ChunkRef) -> tuple[bool, bool]:
+        """(upload it, an object is there already). Upload when the bucket lacks a valid copy of this chunk, or
+        holds one old enough that gc may be about to sweep it (gc.needs_refresh). A HEAD decides when the object
+        is missing, or has our size and (where the backend reports one) our MD5; otherwise the object is read and
+        verified, and a different but valid encoding of the chunk is kept (two writers never replace each other's
+        copy)."""
+        info = self.backend.head(path)
         with self._bad_lock:
             if path in self._bad:
-                return True  # this process found it corrupt or missing on read
-        info = self.backend.head(path)
+                return True, info is not None  # this process found it corrupt or missing on read
         if info is None:
-            return True
+            return True, False
+        if gc_protocol.needs_refresh(info, self.chunk_refresh_age):
+            return True, True
         if info.size == len(obj) and (info.md5 is None or info.md5 == hashlib.md5(obj, usedforsecurity=False).hexdigest()):
-            return False
+            return False, True
         existing = self._bucket.get(path)
         if existing is None:
-            return True
+            return True, False
         try:
             codecs.decode_chunk(existing, ref.digest, ref.size)
         except FormatError as exc:
             log.warning("castore: chunk %s in %s is corrupt (%s); uploading it again", ref.digest.hex(), self.url, exc)
             self._bump(corrupt=1)
-            return True
-        return False
+            return True, True
+        return False, True
 
     # -- reading ---------------------------------------------------------------------------------
     def stat(self, namespace: str, key: str) -> Manifest | None:

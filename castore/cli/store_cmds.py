@@ -267,12 +267,22 @@ def stat_cmd(ctx: click.Context, namespace: str, key: str, as_json: bool) -> Non
 
 @click.command("rm")
 @click.argument("namespace")
-@click.argument("key")
+@click.argument("key", required=False)
 @json_option
 @click.pass_context
-def rm(ctx: click.Context, namespace: str, key: str, as_json: bool) -> None:
-    """Remove a key (its chunks stay: other keys may share them)."""
+def rm(ctx: click.Context, namespace: str, key: str | None, as_json: bool) -> None:
+    """Remove a key, or with no KEY every key of NAMESPACE (chunks stay until `castore gc`: others may share them)."""
     store = open_cli_store(ctx)
+    if key is None:
+        from castore.format.keys import validate_namespace
+        from castore.gc import delete_namespace
+
+        validate_namespace(namespace)
+        removed = delete_namespace(store, namespace)
+        if not removed:
+            raise Miss(f"{namespace}: no such namespace")
+        emit(ctx, {"namespace": namespace, "deleted": removed}, lambda s: f"removed {removed} keys of {namespace}")
+        return
     if not store.delete(namespace, key):
         raise Miss(f"{namespace}/{key}: no such key")
     emit(ctx, {"namespace": namespace, "key": key, "deleted": True}, lambda s: f"removed {namespace}/{key}")
@@ -324,10 +334,14 @@ def verify(ctx: click.Context, namespace: str | None, key: str | None, repair: b
 @json_option
 @click.pass_context
 def du(ctx: click.Context, namespace: str | None, as_json: bool) -> None:
-    """Show logical bytes (what was put) against stored bytes (after dedup and compression)."""
+    """Show logical bytes (what was put) against stored bytes (after dedup and compression).
+
+    Without NAMESPACE, also what a listing of the bucket shows: chunk objects that keys reference, and
+    garbage (chunk objects no key references, which `castore gc` removes).
+    """
     store = open_cli_store(ctx)
     usage = store.du(namespace)
-    data = {
+    data: dict[str, Any] = {
         "namespace": namespace,
         "manifests": usage.manifests,
         "logical_bytes": usage.logical_bytes,
@@ -337,18 +351,34 @@ def du(ctx: click.Context, namespace: str | None, as_json: bool) -> None:
         "dedup_ratio": round(usage.dedup_ratio, 4),
         "compression_ratio": round(usage.compression_ratio, 4),
     }
+    if namespace is None:
+        from castore.gc import bucket_usage
+
+        data["bucket"] = bucket_usage(store).to_dict()
 
     def render(d: dict[str, Any]) -> str:
-        return "\n".join(
-            [
-                f"keys:              {d['manifests']}",
-                f"logical:           {human_size(d['logical_bytes'])} ({d['logical_bytes']} bytes)",
-                f"after dedup:       {human_size(d['referenced_bytes'])} in {d['chunk_objects']} chunks",
-                f"stored:            {human_size(d['stored_bytes'])} ({d['stored_bytes']} bytes, manifests included)",
-                f"dedup ratio:       {d['dedup_ratio']:.2f}x",
-                f"overall ratio:     {d['compression_ratio']:.2f}x (logical / stored)",
+        lines = [
+            f"keys:              {d['manifests']}",
+            f"logical:           {human_size(d['logical_bytes'])} ({d['logical_bytes']} bytes)",
+            f"after dedup:       {human_size(d['referenced_bytes'])} in {d['chunk_objects']} chunks",
+            f"stored:            {human_size(d['stored_bytes'])} ({d['stored_bytes']} bytes, manifests included)",
+            f"dedup ratio:       {d['dedup_ratio']:.2f}x",
+            f"overall ratio:     {d['compression_ratio']:.2f}x (logical / stored)",
+        ]
+        b = d.get("bucket")
+        if b:
+            lines += [
+                "in the bucket (listing):",
+                f"  total:           {human_size(b['total_bytes'])} ({b['total_bytes']} bytes)",
+                f"  manifests:       {b['manifests']} objects, {human_size(b['manifest_bytes'])}",
+                f"  referenced:      {b['referenced_objects']} chunk objects, {human_size(b['referenced_bytes'])}",
+                f"  garbage:         {b['garbage_objects']} chunk objects, {human_size(b['garbage_bytes'])} (castore gc removes them)",
             ]
-        )
+            if b["missing_chunks"]:
+                lines.append(f"  missing:         {b['missing_chunks']} chunks that keys name are absent (castore verify)")
+            if b["other_objects"]:
+                lines.append(f"  other objects:   {b['other_objects']}, {human_size(b['other_bytes'])}")
+        return "\n".join(lines)
 
     emit(ctx, data, render)
 

@@ -80,7 +80,18 @@ def session_meta() -> dict[str, object]:
         except Exception:  # noqa: BLE001
             meta["device"] = "unknown"
         _meta_cache = meta
-    return _meta_cache
+    return {**_meta_cache, **_fingerprint_meta()}
+
+
+def _fingerprint_meta() -> dict[str, object]:
+    """This machine's environment fingerprint as env.* fields (what ``castore doctor`` compares); never fails a put."""
+    try:
+        from castore.torch.fingerprint import as_meta
+
+        return as_meta()
+    except Exception as exc:  # noqa: BLE001 - the fingerprint is a diagnosis aid only
+        log.debug("castore: no environment fingerprint: %s", exc)
+        return {}
 
 
 def _after_hit(session: StoreSession, cache: str, key: str, data: bytes) -> None:
