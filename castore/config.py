@@ -42,6 +42,18 @@ def parse_bool(value: object) -> bool:
     raise ConfigError(f"not a boolean: {value!r}")
 
 
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+def parse_log_level(value: object) -> str:
+    """'DEBUG', 'info', 'warn' -> a name of LOG_LEVELS; '' or 'off' -> ''."""
+    text = str(value).strip().lower()
+    text = {"warn": "warning", "off": "", "none": ""}.get(text, text)
+    if text and text not in LOG_LEVELS:
+        raise ConfigError(f"not a log level: {value!r} (one of {', '.join(LOG_LEVELS)}, or empty for off)")
+    return text
+
+
 @dataclass
 class Config:
     url: str = field(default_factory=lambda: "file://" + str(_user_cache_dir() / "store"))
@@ -63,6 +75,9 @@ class Config:
     # Torch integration: at a process's first graph lookup, fetch in parallel everything the last process that
     # compiled that graph used (its fetch plan), instead of one request after another.
     prefetch: bool = True
+    # castore's log messages on stderr, at this level and above (debug, info, warning, error), in every process of
+    # a torch job; empty: Python's default (warnings only, unless the program configures logging).
+    log: str = ""
     sources: dict[str, str] = field(default_factory=dict, compare=False, repr=False)
 
     def describe(self) -> list[tuple[str, object, str]]:
@@ -83,6 +98,7 @@ _PARSERS: dict[str, Any] = {
     "store_wait": float,
     "flush_timeout": float,
     "prefetch": parse_bool,
+    "log": parse_log_level,
 }
 ENV_PREFIX = "CASTORE_"
 
