@@ -116,7 +116,9 @@ def _flush_at_exit() -> None:
     for session in list(_sessions):
         try:
             session.close(timeout=max(0.0, deadline - time.monotonic()))
-        except BaseException as exc:  # noqa: BLE001 - never break the interpreter's shutdown (Ctrl-C included)
+        except KeyboardInterrupt:  # Ctrl-C while waiting: close() has said what is not stored
+            return
+        except BaseException as exc:  # noqa: BLE001 - never break the interpreter's shutdown
             log.warning("castore: flushing at exit stopped: %r", exc)
 
 
@@ -427,12 +429,15 @@ class StoreSession:
             return
         self._closed = True
         self._write_plan()
-        timeout = self.config.flush_timeout if timeout is None else timeout
-        if not self.flush(timeout):
-            self._abandon(timeout)
+        try:
+            if not self.flush(self.config.flush_timeout if timeout is None else timeout):
+                self._abandon(f"flush_timeout={self.config.flush_timeout:g} s ran out")
+        except KeyboardInterrupt:
+            self._abandon("interrupted")
+            raise
         self.record_stats()
 
-    def _abandon(self, waited: float) -> None:
+    def _abandon(self, why: str) -> None:
         """Stop uploading: drop what is queued, cancel what waits for the store's threads, and say what is lost.
         An upload already on the wire ends within its request timeouts (the store cannot cut it off)."""
         with self._pending_cv:
@@ -444,11 +449,11 @@ class StoreSession:
         entries = {cache: n for cache, n in left.items() if cache != DEFERRED}
         if entries:
             log.warning(
-                "castore: %d entries not written to the store within flush_timeout=%g s at exit (%s); they are not stored",
-                sum(entries.values()), self.config.flush_timeout, ", ".join(f"{cache} {n}" for cache, n in entries.items()),
+                "castore: %d entries not written to the store at exit (%s): %s; they are not stored",
+                sum(entries.values()), ", ".join(f"{cache} {n}" for cache, n in entries.items()), why,
             )
         elif left:
-            log.debug("castore: %d local copies not written within %g s at exit", left.get(DEFERRED, 0), waited)
+            log.debug("castore: %d local copies not written at exit: %s", left.get(DEFERRED, 0), why)
 
     # -- stats across processes -----------------------------------------------------------------
     def record_stats(self) -> None:

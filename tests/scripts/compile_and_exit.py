@@ -2,17 +2,23 @@
 
 Prints, before it exits, ``WROTE {json}``: every (castore cache, castore key) this process queued for the store,
 and PyTorch's FX / AOTAutograd cache counters. It neither flushes nor closes: the interpreter's exit must.
+
+COMPILE_AND_EXIT_VARIANT=n sets a Triton-only Inductor setting, which PyTorch's FX and AOTAutograd keys hash and CPU
+code ignores: each variant writes entries of its own, while the C++ kernel, header and ISA probes are shared.
 """
 
 from __future__ import annotations
 
 import json
+import os
 
 import torch
+import torch._inductor.config
 
 import castore.torch
 from castore.torch.session import castore_key
 
+torch._inductor.config.triton.spill_threshold = 16 + int(os.environ.get("COMPILE_AND_EXIT_VARIANT", "0"))
 session = castore.torch.install()
 queued: list[tuple[str, str]] = []
 _put = session.put
