@@ -63,11 +63,11 @@ def test_an_opted_out_remote_cache_stays_off(variable: str, module: str, attr: s
         assert remote_aot_decisions() == [False, False, False]
 
 
-def test_a_cache_turned_off_in_code_before_install_stays_off(fresh_env: None, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(inductor_config, "autotune_remote_cache", False)
-    castore.torch.install()
-    assert inductor_config.autotune_remote_cache is False
-    assert inductor_config.fx_graph_remote_cache is True
+def test_a_cache_turned_off_in_code_before_install_stays_off(fresh_env: None) -> None:
+    with inductor_config.patch("autotune_remote_cache", False):  # (monkeypatch.setattr deletes config attributes)
+        castore.torch.install()
+        assert inductor_config.autotune_remote_cache is False
+        assert inductor_config.fx_graph_remote_cache is True
 
 
 def test_remote_aot_is_never_on_while_remote_fx_is_off(fresh_env: None, caplog: pytest.LogCaptureFixture) -> None:
@@ -97,7 +97,7 @@ def test_a_job_with_remote_fx_off_compiles_without_fx_graph_cache_miss(tmp_path:
     def fn(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return (x * 2).sin() + y.cos()
 
-    a, b = torch.rand(17, requires_grad=True), torch.rand(17)
+    a, b = torch.rand(17), torch.rand(17)
     fleet = Fleet(f"file://{tmp_path}/store", tmp_path / "fleet", monkeypatch)
     # As in PyTorch's tests: castore is installed first (at `import torch` under `castore run`), the test's patch after.
     seed_config = {"enable_autograd_cache": True, "strict_autograd_cache": True}
@@ -107,9 +107,9 @@ def test_a_job_with_remote_fx_off_compiles_without_fx_graph_cache_miss(tmp_path:
         compiled = torch.compile(fn)
         with inductor_config.patch({"fx_graph_cache": True, "fx_graph_remote_cache": False}), functorch_config.patch(seed_config):
             torch.testing.assert_close(compiled(a, b), fn(a, b))
-        assert counters["aot_autograd"]["autograd_cache_saved"] == 1
+        assert counters["aot_autograd"]["autograd_cache_saved"] == 1, dict(counters["aot_autograd"])
         fleet.leave()
-        assert fleet.keys("pt2:autograd") == [], "an AOTAutograd entry went to the bucket without its FX graph"
+        aot_entries = fleet.keys("pt2:autograd")
 
         m = fleet.machine("b")
         with inductor_config.patch({"fx_graph_cache": True, "fx_graph_remote_cache": False}), functorch_config.patch(seed_config):
@@ -118,6 +118,7 @@ def test_a_job_with_remote_fx_off_compiles_without_fx_graph_cache_miss(tmp_path:
         assert (aot["autograd_cache_miss"], aot["autograd_cache_hit"], aot["autograd_cache_saved"]) == (2, 0, 2)
         assert m.hits("aot-autograd") == 0 and m.hits("fx-graph") == 0
         assert m.hits("cpp-kernel") >= 1, "the rest of castore still serves machine B"
+        assert aot_entries == [], "an AOTAutograd entry went to the bucket without its FX graph"
     finally:
         fleet.leave()
         counters.clear()
