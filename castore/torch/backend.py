@@ -15,7 +15,9 @@ _lock = threading.Lock()
 _wrappers: list[Any] = []  # distinct Inductor wrappers used so far, for reset()
 
 
-def castore_backend(gm: Any, example_inputs: Any, *, mode: str | None = None, options: dict[str, Any] | None = None) -> Any:
+def castore_backend(
+    gm: Any, example_inputs: Any, *, mode: str | None = None, options: dict[str, Any] | None = None
+) -> Any:
     import castore.torch
 
     castore.torch.install()  # idempotent; configured from CASTORE_* / castore.toml
