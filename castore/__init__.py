@@ -6,6 +6,10 @@ store is opened.
 
 from __future__ import annotations
 
+import logging
+import os
+import tempfile
+import threading
 from typing import Any
 
 from castore.config import Config, load_config
@@ -49,8 +53,35 @@ def open_store(url: str | None = None, *, config: Config | None = None, **overri
         backend = ReadOnlyBackend(backend)
     # A local layer in front of a local store only duplicates it.
     if config.cache_size > 0 and not config.url.startswith(("file://", "memory://", "/")):
-        backend = LocalLayer(backend, config.cache_dir, config.cache_size)
+        try:
+            check_writable_dir(config.cache_dir)
+            backend = LocalLayer(backend, config.cache_dir, config.cache_size)
+        except OSError as exc:  # the bucket may be fine: lose the node's copy, not the store
+            report_unusable_cache_dir(config, exc)
     return Store(backend, read_only=config.read_only, workers=config.workers, trust=trust, signing_key=signing_key)
+
+
+def check_writable_dir(path: str) -> None:
+    """Create ``path`` if needed and write a file in it; OSError if that cannot be done (also as root)."""
+    os.makedirs(path, exist_ok=True)
+    with tempfile.TemporaryFile(dir=path):
+        pass
+
+
+_cache_dir_reported = threading.Event()
+
+
+def report_unusable_cache_dir(config: Config, exc: OSError) -> None:
+    """One warning per process naming the setting, where its value came from, and what is lost."""
+    if _cache_dir_reported.is_set():
+        return
+    _cache_dir_reported.set()
+    source = config.sources.get("cache_dir", "default")
+    logging.getLogger("castore").warning(
+        "castore: cache_dir %s (from %s) cannot be used (%s): no node-local copies and no `castore stats` "
+        "records on this node; the store itself is used as usual",
+        config.cache_dir, source, exc.strerror or exc,
+    )
 
 
 __all__ = [

@@ -79,6 +79,18 @@ def parse_signing_key(value: object) -> str:
     return path
 
 
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+def parse_log_level(value: object) -> str:
+    """'DEBUG', 'info', 'warn' -> a name of LOG_LEVELS; '' or 'off' -> ''."""
+    text = str(value).strip().lower()
+    text = {"warn": "warning", "off": "", "none": ""}.get(text, text)
+    if text and text not in LOG_LEVELS:
+        raise ConfigError(f"not a log level: {value!r} (one of {', '.join(LOG_LEVELS)}, or empty for off)")
+    return text
+
+
 @dataclass
 class Config:
     url: str = field(default_factory=lambda: "file://" + str(_user_cache_dir() / "store"))
@@ -106,6 +118,9 @@ class Config:
     signing_key: str = ""
     trusted_keys: KeyList = field(default_factory=KeyList)
     require_signatures: bool = False
+    # castore's log messages on stderr, at this level and above (debug, info, warning, error), in every process of
+    # a torch job; empty: Python's default (warnings only, unless the program configures logging).
+    log: str = ""
     sources: dict[str, str] = field(default_factory=dict, compare=False, repr=False)
 
     def describe(self) -> list[tuple[str, object, str]]:
@@ -140,6 +155,7 @@ _PARSERS: dict[str, Any] = {
     "signing_key": parse_signing_key,
     "trusted_keys": parse_key_list,
     "require_signatures": parse_bool,
+    "log": parse_log_level,
 }
 ENV_PREFIX = "CASTORE_"
 

@@ -151,6 +151,11 @@ class Store:
         self._pool.shutdown(wait=True)
         self.backend.close()
 
+    def cancel_queued(self) -> None:
+        """Cancel the work queued on the store's threads and take no more (a process giving up at exit: nothing
+        may wait on queued uploads). Requests already running finish; calls that need the threads then fail."""
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
     def __enter__(self) -> Store:
         return self
 

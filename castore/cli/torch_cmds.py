@@ -18,7 +18,7 @@ from typing import Any
 
 import click
 
-from castore.cli.common import EXIT_USAGE, cli_config, emit, json_option
+from castore.cli.common import EXIT_USAGE, _state, cli_config, emit, json_option
 from castore.torch import job_environment
 
 
@@ -26,8 +26,12 @@ from castore.torch import job_environment
 @click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
 @click.pass_context
 def run(ctx: click.Context, command: tuple[str, ...]) -> None:
-    """Run COMMAND with torch.compile served from castore, no code changes: castore run -- python train.py"""
+    """Run COMMAND with torch.compile served from castore, no code changes: castore run -- python train.py
+
+    With -v, castore logs in every process of the job (CASTORE_LOG=debug)."""
     env = job_environment(cli_config(ctx))
+    if _state(ctx).get("verbose"):
+        env["CASTORE_LOG"] = "debug"
     executable = shutil.which(command[0], path=env.get("PATH"))
     if executable is None:
         raise click.UsageError(f"command not found: {command[0]}")

@@ -16,30 +16,17 @@ import time
 from typing import Any
 
 from castore.config import Config, load_config
+from castore.logsetup import apply_log_setting
+from castore.torch import switches
 from castore.torch.import_hooks import Patches
 from castore.torch.session import StoreSession
+from castore.torch.switches import SWITCHES, TORCH_ENV  # noqa: F401 - part of this package's names
 
 log = logging.getLogger("castore.torch")
 
 AUTOINSTALL_ENV = "CASTORE_TORCH_AUTOINSTALL"
 AUTOLOAD_DIR = os.path.join(os.path.dirname(__file__), "_autoload")
-# Environment that makes every process of the job, Inductor's compile workers included, use the same caches.
-# The flags are part of PyTorch's cache keys: every machine of a fleet must set them alike, so castore does.
-TORCH_ENV = {
-    "TORCHINDUCTOR_FX_GRAPH_REMOTE_CACHE": "1",
-    "TORCHINDUCTOR_AUTOGRAD_REMOTE_CACHE": "1",
-    "TORCHINDUCTOR_AUTOTUNE_REMOTE_CACHE": "1",
-}
-
 TRITON_CACHE_MANAGER = "castore.torch.triton_cache:CastoreTritonCacheManager"
-# The in-process switches of the same caches, set when their config module is imported (PGO's remote cache is used
-# only when TORCH_COMPILE_JOB_ID names the job, as PyTorch requires).
-SWITCHES = [
-    ("torch._inductor.config", "fx_graph_remote_cache"),
-    ("torch._inductor.config", "autotune_remote_cache"),
-    ("torch._functorch.config", "enable_remote_autograd_cache"),
-    ("torch._dynamo.config", "automatic_dynamic_remote_pgo"),
-]
 
 _lock = threading.Lock()
 _active: dict[str, Any] = {}
@@ -63,17 +50,17 @@ def install(url: str | None = None, *, config: Config | None = None, namespace: 
         started = time.monotonic()
         if config is None:
             config = load_config({"url": url, **overrides})
+        apply_log_setting(config.log)
         import torch  # noqa: F401 - the namespace names its version
 
         from castore.torch import artifacts, autotune_fixes, isa_probe, remote_caches
 
-        session = StoreSession(config, namespace or default_namespace())
+        session = StoreSession(config, namespace or os.environ.get("CASTORE_NAMESPACE") or default_namespace())
         # Every patch waits for PyTorch to import its module (import_hooks): a process that imports torch but never
         # compiles (a data-loader worker) pays nothing for Dynamo and Inductor.
         patches = Patches()
         remote_caches.install(session, patches)
-        for module_name, switch in SWITCHES:
-            patches.on_import(module_name, lambda module, switch=switch: _switch_on(patches, module, switch))
+        switches.install(patches)  # before the environment is exported: it reads the user's opt-outs there
         artifacts.install(session, patches)
         autotune_fixes.install(session, patches)
         isa_probe.install(session, patches)
@@ -86,11 +73,6 @@ def install(url: str | None = None, *, config: Config | None = None, namespace: 
         session.stats.install_seconds = time.monotonic() - started
         log.info("castore: torch.compile caches served from %s (namespace %s)", config.url, session.namespace)
         return session
-
-
-def _switch_on(patches: Patches, config_module: Any, name: str) -> None:
-    if hasattr(config_module, name):  # else a switch this torch version does not have
-        patches.replace(config_module, name, True)
 
 
 def uninstall() -> None:
@@ -123,8 +105,7 @@ def stats() -> dict[str, object]:
 def job_environment(config: Config, namespace: str | None = None, base: dict[str, str] | None = None) -> dict[str, str]:
     """The environment under which every Python process of a job serves torch.compile from castore."""
     env = dict(os.environ if base is None else base)
-    for name, value in TORCH_ENV.items():
-        env.setdefault(name, value)
+    switches.export(env)  # PyTorch's remote caches on, except those the user turned off
     # Triton's compile cache read through from the store; a manager the user chose is left alone.
     env.setdefault("TRITON_CACHE_MANAGER", TRITON_CACHE_MANAGER)
     for name, value, _ in config.describe():
@@ -149,7 +130,7 @@ def _export_environment(env: dict[str, str]) -> None:
 def install_from_environment() -> StoreSession | None:
     """Called in processes started under castore (``castore run``, compile workers)."""
     try:
-        return install(namespace=os.environ.get("CASTORE_NAMESPACE") or None)
+        return install()
     except Exception as exc:  # noqa: BLE001 - never break the user's process
         log.warning("castore: could not install torch integration: %s", exc)
         return None

@@ -7,6 +7,7 @@ seconds (a circuit breaker), so a job whose bucket is down or slow compiles as i
 from __future__ import annotations
 
 import atexit
+import concurrent.futures.thread  # noqa: F401 - registers its exit hook now, so that _flush_at_exit runs before it
 import json
 import logging
 import os
@@ -14,7 +15,7 @@ import queue
 import threading
 import time
 import weakref
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
@@ -32,6 +33,7 @@ PLAN_LIMIT = 4096  # entries; a plan names what one job compiled, not a whole bu
 # A plan read faster than this came from the local layer or a store next door: there, one lookup after another
 # costs less than a parallel fetch competing with the compile for the CPU (measured in docs/TORCH.md).
 PREFETCH_MIN_ROUND_TRIP = 0.010
+DEFERRED = "deferred"  # background work that is not an entry of the store (copies into PyTorch's local dirs)
 
 
 @dataclass
@@ -105,6 +107,29 @@ def _after_fork_in_child() -> None:
 os.register_at_fork(before=_before_fork, after_in_parent=_after_fork_in_parent, after_in_child=_after_fork_in_child)
 
 
+def _flush_at_exit() -> None:
+    """Write each open session's fetch plan and queued entries before the interpreter shuts its threads down.
+
+    An atexit handler runs too late: by then concurrent.futures has refused new work ("cannot schedule new futures
+    after interpreter shutdown") and every upload that needs the store's thread pool (blobs above the inline size)
+    fails. Hooks registered with threading._register_atexit run before that, newest first; this one is registered
+    after concurrent.futures' own (imported above), so it runs while the pool still takes work."""
+    deadline = time.monotonic() + max((s.config.flush_timeout for s in list(_sessions)), default=0.0)
+    for session in list(_sessions):
+        try:
+            session.close(timeout=max(0.0, deadline - time.monotonic()))
+        except KeyboardInterrupt:  # Ctrl-C while waiting: close() has said what is not stored
+            return
+        except BaseException as exc:  # noqa: BLE001 - never break the interpreter's shutdown
+            log.warning("castore: flushing at exit stopped: %r", exc)
+
+
+try:
+    threading._register_atexit(_flush_at_exit)  # type: ignore[attr-defined]
+except (AttributeError, RuntimeError):  # a Python without it, or imported during shutdown: atexit still flushes
+    atexit.register(_flush_at_exit)
+
+
 class StoreSession:
     def __init__(self, config: Config, namespace: str, *, open_store: Callable[[], object] | None = None) -> None:
         self.config = config
@@ -127,7 +152,9 @@ class StoreSession:
         self._queue: queue.Queue[tuple[str, str, bytes, dict[str, object]] | Callable[[], None] | None] = queue.Queue()
         self._writer: threading.Thread | None = None
         self._pending = 0
+        self._pending_by_cache: Counter[str] = Counter()  # queued and not yet done, per cache (DEFERRED: other work)
         self._pending_cv = threading.Condition()
+        self._abandoned = False  # exit's flush ran out of time: queued work is dropped, not started
         self._touched: dict[tuple[str, str], None] = {}  # (cache, torch key) read or written, in first-use order
         self._anchor: tuple[str, str] | None = None
         self._plan: set[tuple[str, str]] | None = None  # the stored plan's entries, once read
@@ -340,6 +367,7 @@ class StoreSession:
     def _enqueue(self, item: tuple[str, str, bytes, dict[str, object]] | Callable[[], None]) -> None:
         with self._pending_cv:
             self._pending += 1
+            self._pending_by_cache[DEFERRED if callable(item) else item[0]] += 1
         if self._writer is None or not self._writer.is_alive():
             self._writer = threading.Thread(target=self._write_loop, name="castore-writer", daemon=True)
             self._writer.start()
@@ -350,36 +378,45 @@ class StoreSession:
             item = self._queue.get()
             if item is None:
                 return
-            if callable(item):
-                try:
-                    item()
-                except Exception as exc:  # noqa: BLE001 - deferred work is best effort
-                    log.debug("castore: deferred work failed: %s", exc)
-                finally:
-                    with self._pending_cv:
-                        self._pending -= 1
-                        self._pending_cv.notify_all()
-                continue
-            cache, key, data, meta = item
-            counters = self._counters(cache)
+            cache = DEFERRED if callable(item) else item[0]
             try:
-                if self.available():
-                    meta.setdefault("artifact", cache)
-                    self.store.put(self.namespace, castore_key(key), data, meta=meta, overwrite=True)
-                    with self._stats_lock:
-                        counters.puts += 1
-                        counters.bytes_written += len(data)
+                if self._abandoned:
+                    continue  # counted in close()'s warning
+                if callable(item):
+                    self._run_deferred(item)
                 else:
-                    with self._stats_lock:
-                        counters.skipped += 1
-            except Exception as exc:  # noqa: BLE001 - writes may fail silently (counted, logged once)
-                with self._stats_lock:
-                    counters.put_errors += 1
-                self._trip(f"put to {self.config.url}", exc)
+                    self._write(*item)
             finally:
                 with self._pending_cv:
                     self._pending -= 1
+                    self._pending_by_cache[cache] -= 1
                     self._pending_cv.notify_all()
+
+    def _run_deferred(self, fn: Callable[[], None]) -> None:
+        try:
+            fn()
+        except Exception as exc:  # noqa: BLE001 - deferred work is best effort
+            log.debug("castore: deferred work failed: %s", exc)
+
+    def _write(self, cache: str, key: str, data: bytes, meta: dict[str, object]) -> None:
+        counters = self._counters(cache)
+        try:
+            if self.available():
+                meta.setdefault("artifact", cache)
+                self.store.put(self.namespace, castore_key(key), data, meta=meta, overwrite=True)
+                with self._stats_lock:
+                    counters.puts += 1
+                    counters.bytes_written += len(data)
+            else:
+                with self._stats_lock:
+                    counters.skipped += 1
+        except Exception as exc:  # noqa: BLE001 - writes may fail silently (counted, logged once)
+            with self._stats_lock:
+                counters.put_errors += 1
+            if self._abandoned:  # cancelled at exit: close() has reported it
+                log.debug("castore: put of %s entry abandoned at exit: %r", cache, exc)
+            else:
+                self._trip(f"put to {self.config.url}", exc)
 
     def flush(self, timeout: float | None = None) -> bool:
         """Wait until queued writes are done; False if ``timeout`` passed first."""
@@ -392,15 +429,38 @@ class StoreSession:
                 self._pending_cv.wait(remaining)
         return True
 
-    def close(self) -> None:
-        """Write the fetch plan, wait for pending writes (at most flush_timeout) and record the counters. Once."""
+    def close(self, timeout: float | None = None) -> None:
+        """Write the fetch plan, wait for queued writes (at most ``timeout``, default flush_timeout) and record the
+        counters. Once. What is still queued then is reported in one warning and dropped."""
         if self._closed:
             return
         self._closed = True
         self._write_plan()
-        if not self.flush(self.config.flush_timeout):
-            log.warning("castore: %d writes still pending after %.0f s at exit; dropped", self._pending, self.config.flush_timeout)
+        try:
+            if not self.flush(self.config.flush_timeout if timeout is None else timeout):
+                self._abandon(f"flush_timeout={self.config.flush_timeout:g} s ran out")
+        except KeyboardInterrupt:
+            self._abandon("interrupted")
+            raise
         self.record_stats()
+
+    def _abandon(self, why: str) -> None:
+        """Stop uploading: drop what is queued, cancel what waits for the store's threads, and say what is lost.
+        An upload already on the wire ends within its request timeouts (the store cannot cut it off)."""
+        with self._pending_cv:
+            self._abandoned = True
+            left = {cache: n for cache, n in sorted(self._pending_by_cache.items()) if n > 0}
+        store = self._store
+        if store is not None and hasattr(store, "cancel_queued"):
+            store.cancel_queued()
+        entries = {cache: n for cache, n in left.items() if cache != DEFERRED}
+        if entries:
+            log.warning(
+                "castore: %d entries not written to the store at exit (%s): %s; they are not stored",
+                sum(entries.values()), ", ".join(f"{cache} {n}" for cache, n in entries.items()), why,
+            )
+        elif left:
+            log.debug("castore: %d local copies not written at exit: %s", left.get(DEFERRED, 0), why)
 
     # -- stats across processes -----------------------------------------------------------------
     def record_stats(self) -> None:
@@ -415,7 +475,9 @@ class StoreSession:
             with open(os.path.join(directory, f"{os.getpid()}-{time.time_ns()}.json"), "w") as f:
                 json.dump(record, f)
         except OSError as exc:
-            log.debug("castore: cannot record stats: %s", exc)
+            from castore import report_unusable_cache_dir
+
+            report_unusable_cache_dir(self.config, exc)
 
 
 def encode_plan(entries: list[tuple[str, str]]) -> bytes:
