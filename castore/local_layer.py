@@ -111,6 +111,11 @@ class LocalLayer(Backend):
         # Ranges of large objects (packs) pass through: the layer holds whole objects only.
         return self.inner.get_range(path, start, end)
 
+    def admit(self, path: str, data: bytes) -> None:
+        """Hold an object the caller fetched and verified itself (a bundle's prefetch, read from a pack)."""
+        if not self.holds(path):
+            self._store_local(path, data)
+
     def holds(self, path: str) -> bool:
         """Whether this node already holds the object (no request to the inner backend)."""
         return os.path.isfile(self.local_path(path))

@@ -168,7 +168,21 @@ class Store:
             entries.append(entry)
         return self._put(namespace, key, memoryview(blob), kind="tree", files=entries, meta=meta, overwrite=overwrite, progress=progress)
 
-    def _put(self, namespace, key, view, *, kind, meta, overwrite, progress, files=None) -> PutResult:  # noqa: ANN001
+    def put_bundle(
+        self,
+        namespace: str,
+        key: str,
+        data: bytes | bytearray | memoryview,
+        *,
+        refs: Iterable[tuple[str, str]],
+        meta: dict[str, object] | None = None,
+        overwrite: bool = False,
+    ) -> PutResult:
+        """Store a bundle (docs/FORMAT.md, 'Bundles and packs'): its index as the blob, the entries it names as refs."""
+        return self._put(namespace, key, memoryview(data).cast("B"), kind="bundle", meta=meta, overwrite=overwrite,
+                         progress=None, refs=list(refs))  # fmt: skip
+
+    def _put(self, namespace, key, view, *, kind, meta, overwrite, progress, files=None, refs=None) -> PutResult:  # noqa: ANN001
         keys.validate_namespace(namespace)
         keys.validate_key(key)
         if self.read_only:
@@ -180,6 +194,7 @@ class Store:
             digest=hashlib.sha256(view).digest(),
             kind=kind,
             files=files or [],
+            refs=refs or [],
             meta={"castore": __version__, **{k: _meta_value(v) for k, v in (meta or {}).items()}},
             writer=f"castore/{__version__}",
         )
@@ -310,6 +325,10 @@ class Store:
         extract_tree(manifest, data, dest)
         self._bump(hits=1, bytes_read=len(data))
         return True
+
+    def read_blob(self, manifest: Manifest, progress: ProgressFn | None = None) -> bytes | None:
+        """The verified blob of a manifest stat() returned, or None when a chunk is missing or corrupt."""
+        return self._read_blob(manifest, progress)
 
     def _stat_for_read(self, namespace: str, key: str) -> Manifest | None:
         try:
