@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import click
 
-from castore.cli import bench_cmd, store_cmds, torch_cmds
+from castore.cli import bench_cmd, fleet_cmds, store_cmds, torch_cmds
 from castore.cli.common import EPILOG, CastoreGroup, _setup_logging, _state
 
 
@@ -29,7 +29,7 @@ def main(ctx: click.Context, url: str | None, cache_dir: str | None, read_only: 
     state["overrides"] = {"url": url, "cache_dir": cache_dir, "read_only": read_only}
 
 
-for _module in (store_cmds, torch_cmds, bench_cmd):
+for _module in (store_cmds, torch_cmds, bench_cmd, fleet_cmds):
     for _command in _module.COMMANDS:
         main.add_command(_command)
 
