@@ -121,3 +121,15 @@ def test_bundle_index_rejects_bad_locations() -> None:
         BundleIndex.from_bytes(b"\xc1garbage")
     assert pack_path(b"\xab" * 32).startswith("castore/v1/packs/ab/")
     assert BUNDLE_NAMESPACE == "bundles"
+
+
+def test_bundle_names_and_versions() -> None:
+    from castore.format.pack import parse_bundle_ref, version_of
+
+    assert parse_bundle_ref("train") == ("train", None)
+    assert parse_bundle_ref("train@12") == ("train", 12)
+    with pytest.raises(FormatError):
+        parse_bundle_ref("train@latest")
+    assert version_of("train", "train.12") == 12
+    assert version_of("train", "train.gpu.3") is None, "another bundle's key (train.gpu, version 3)"
+    assert version_of("train", "train.012") is None and version_of("train", "train.") is None

@@ -55,7 +55,9 @@ def version_of(name: str, key: str) -> int | None:
     """The version a bundle key of ``name`` carries, or None when the key belongs to another name."""
     prefix = name + "."
     rest = key[len(prefix) :] if key.startswith(prefix) else ""
-    return int(rest) if rest.isdigit() else None
+    if not (rest.isascii() and rest.isdigit()) or rest.startswith("0"):
+        return None
+    return int(rest)
 
 
 @dataclass(frozen=True)
