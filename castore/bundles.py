@@ -13,13 +13,14 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import random
 import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from castore.backends.base import Backend
-from castore.errors import CastoreError, FormatError
+from castore.errors import BackendError, CastoreError, FormatError
 from castore.format import codec as codecs
 from castore.format import keys
 from castore.format.manifest import Manifest
@@ -45,6 +46,32 @@ READ_GAP_BYTES = 1 << 20  # objects closer than this in a pack are read with one
 READ_PART_BYTES = 64 << 20  # and no ranged GET reads more than this (parallel parts for large bundles)
 ENV_PREFIX = "env."
 Entry = tuple[str, str]  # (namespace, key)
+# A fleet starting at once can exceed what one S3 partition serves (docs/SCALE.md). Fetching a bundle is not on a
+# compile's critical path (`castore pull`, an init container; a prefetch that lookups wait for a bounded time):
+# a throttled or failing read is retried for this many rounds of the backend's own retries, with full-jitter
+# backoff of PATIENT_BASE seconds doubling up to PATIENT_CAP, i.e. for about a minute.
+PATIENT_ROUNDS = 6
+PATIENT_BASE = 1.0
+PATIENT_CAP = 20.0
+_RETRY_STATUS = (429, 500, 502, 503, 504)
+
+
+def _worth_retrying(exc: BaseException) -> bool:
+    """Throttling and server errors, not a refusal nor an unreachable endpoint (which waiting does not cure)."""
+    return getattr(exc, "status", None) in _RETRY_STATUS or str(getattr(exc, "code", "")) in ("SlowDown", "503")
+
+
+def patiently(fn: Callable[[], object], *, rounds: int = PATIENT_ROUNDS, sleep: Callable[[float], None] = time.sleep) -> object:
+    for attempt in range(1, rounds + 1):
+        try:
+            return fn()
+        except BackendError as exc:
+            if attempt == rounds or not _worth_retrying(exc):
+                raise
+            delay = min(PATIENT_CAP, random.random() * PATIENT_BASE * 2 ** (attempt - 1))
+            log.info("castore: %s; retrying in %.1f s", exc, delay)
+            sleep(delay)
+    raise AssertionError("unreachable")
 
 
 class BundleNotFound(CastoreError):
@@ -98,7 +125,8 @@ class FetchReport:
 def versions(store: Store, name: str) -> list[int]:
     """Published versions of a bundle, oldest first (one LIST request)."""
     prefix = keys.manifest_prefix(BUNDLE_NAMESPACE) + name + "."
-    found = (version_of(name, path.rsplit("/", 1)[-1]) for path, _ in store.backend.list(prefix))
+    listed: list[tuple[str, int]] = patiently(lambda: list(store.backend.list(prefix)))  # type: ignore[assignment]
+    found = (version_of(name, path.rsplit("/", 1)[-1]) for path, _ in listed)
     return sorted(v for v in found if v is not None)
 
 
@@ -111,12 +139,12 @@ def open_bundle(store: Store, ref: str) -> Bundle:
             raise BundleNotFound(f"no bundle named {name!r} in {store.url}")
         version = found[-1]
     key = bundle_key(name, version)
-    manifest = store.stat(BUNDLE_NAMESPACE, key)
+    manifest: Manifest | None = patiently(lambda: store.stat(BUNDLE_NAMESPACE, key))  # type: ignore[assignment]
     if manifest is None:
         raise BundleNotFound(f"no bundle {name}@{version} in {store.url}")
     if manifest.kind != "bundle":
         raise FormatError(f"{BUNDLE_NAMESPACE}/{key} is a {manifest.kind}, not a bundle")
-    raw = store.read_blob(manifest)
+    raw: bytes | None = patiently(lambda: store.read_blob(manifest))  # type: ignore[assignment]
     if raw is None:
         raise FormatError(f"the index of bundle {name}@{version} is missing or corrupt")
     return Bundle(name, version, manifest, BundleIndex.from_bytes(raw))
@@ -318,7 +346,7 @@ def _read_run(store: Store, bundle: Bundle, run: list[_Wanted], sink: Callable[[
     end = max(w.where.offset + w.where.length for w in run)
     path = bundle.index.pack_path(run[0].where.pack)
     try:
-        data = store.backend.get_range(path, start, end)
+        data: bytes | None = patiently(lambda: store.backend.get_range(path, start, end))  # type: ignore[assignment]
     except CastoreError as exc:
         log.info("castore: reading pack %s failed (%s); reading its objects one by one", path, exc)
         data = None
@@ -336,7 +364,7 @@ def _read_run(store: Store, bundle: Bundle, run: list[_Wanted], sink: Callable[[
         if obj is None:
             out.fallback_reads += 1
             try:
-                obj = store.backend.get(w.path)
+                obj = patiently(lambda: store.backend.get(w.path))  # type: ignore[assignment]
                 if obj is None:
                     raise FormatError("missing")
                 w.check(obj)
