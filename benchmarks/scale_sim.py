@@ -11,9 +11,11 @@ S3 answers at most ``--get-rate`` GET/HEAD/LIST requests per second per partitio
 figure; token bucket, one second of burst) and 503 SlowDown beyond; S3 splitting a hot prefix into more
 partitions over minutes is not modelled: either the bucket is one partition (a new bucket, or one whose load
 never warranted a split) or every object prefix (``chunks/<hh>/``, ``packs/<hh>/``, ``manifests/<ns>/``) is
-already a partition of its own. A throttled request is retried as castore's S3 backend does (full jitter, base
-0.5 s, doubling, capped at 20 s, 4 attempts in all); a request that fails 4 times leaves its node degraded (that
-node compiles what it could not fetch). A request takes ``--latency`` plus its bytes at ``--conn-mbps``.
+already a partition of its own. A throttled request is retried as castore does: a lookup as the S3 backend does
+(full jitter, base 0.5 s, doubling, capped at 20 s, 4 attempts in all); a bundle read ("patient") for up to 6
+rounds of those, with full-jitter waits of 1 s doubling between rounds (castore.bundles.patiently). A request
+that runs out of attempts leaves its node degraded (that node compiles what it could not fetch). A request
+takes ``--latency`` plus its bytes at ``--conn-mbps``.
 
     python benchmarks/scale_sim.py                         # all scenarios, results in benchmarks/results/scale/
     python benchmarks/scale_sim.py --nodes 200 --no-plot   # a smoke run
@@ -35,9 +37,10 @@ RESULTS = Path(__file__).resolve().parent / "results" / "scale"
 PROFILE = RESULTS / "transformer_bundle_profile.json"
 GET_RATE = 5500.0  # S3: GET/HEAD per second per partitioned prefix
 PUT_RATE = 3500.0  # S3: PUT/COPY/POST/DELETE per second per partitioned prefix (writers: one CI job here)
-THROTTLED_BASE = 0.5
+THROTTLED_BASE = 0.5  # castore.backends.s3: first backoff after 503 SlowDown
 MAX_BACKOFF = 20.0
-MAX_ATTEMPTS = 4
+MAX_ATTEMPTS = 4  # castore's default max_attempts
+PATIENT_ROUNDS, PATIENT_BASE = 6, 1.0  # castore.bundles: rounds of the backend's attempts, for bundle reads
 SLOWDOWN_LATENCY = 0.010  # seconds for a 503 to come back
 
 
@@ -96,6 +99,7 @@ class Scenario:
     split_prefixes: bool
     jitter: float  # nodes start uniformly over [0, jitter] seconds
     pinned: bool = False
+    patient: bool = False  # bundle reads' retry rounds (castore.bundles.patiently)
 
 
 def simulate(profile: dict[str, Any], sc: Scenario, *, nodes: int, connections: int, latency: float,
@@ -155,8 +159,12 @@ def simulate(profile: dict[str, Any], sc: Scenario, *, nodes: int, connections: 
                 push(now + SLOWDOWN_LATENCY, SLOW, n, req, attempt)
         elif kind == SLOW:
             assert req is not None
-            if attempt < MAX_ATTEMPTS:
-                delay = min(MAX_BACKOFF, rng.random() * THROTTLED_BASE * 2 ** (attempt - 1))
+            rounds = PATIENT_ROUNDS if sc.patient else 1
+            if attempt < MAX_ATTEMPTS * rounds:
+                if attempt % MAX_ATTEMPTS:  # the backend's own retries
+                    delay = min(MAX_BACKOFF, rng.random() * THROTTLED_BASE * 2 ** (attempt % MAX_ATTEMPTS - 1))
+                else:  # a round of them failed: the bundle reader waits, then tries another round
+                    delay = min(MAX_BACKOFF, rng.random() * PATIENT_BASE * 2 ** (attempt // MAX_ATTEMPTS - 1))
                 push(now + delay, ARRIVE, n, req, attempt + 1)
             else:
                 counts["failed"] += 1
@@ -178,6 +186,7 @@ def simulate(profile: dict[str, Any], sc: Scenario, *, nodes: int, connections: 
         "split_prefixes": sc.split_prefixes,
         "jitter_s": sc.jitter,
         "pinned_version": sc.pinned,
+        "patient_retries": sc.patient,
         "nodes": nodes,
         "requests_per_node": sum(len(p) for p in per_node),
         "bytes_per_node": sum(r.size for p in per_node for r in p),
@@ -196,11 +205,13 @@ def simulate(profile: dict[str, Any], sc: Scenario, *, nodes: int, connections: 
 SCENARIOS = [
     Scenario("per-object, one partition", packed=False, split_prefixes=False, jitter=0.0),
     Scenario("per-object, prefixes split", packed=False, split_prefixes=True, jitter=0.0),
+    Scenario("per-object, one partition, 60 s jitter", packed=False, split_prefixes=False, jitter=60.0),
     Scenario("per-object, prefixes split, 60 s jitter", packed=False, split_prefixes=True, jitter=60.0),
-    Scenario("packed, one partition", packed=True, split_prefixes=False, jitter=0.0),
-    Scenario("packed, prefixes split", packed=True, split_prefixes=True, jitter=0.0),
-    Scenario("packed, one partition, pinned NAME@N", packed=True, split_prefixes=False, jitter=0.0, pinned=True),
-    Scenario("packed, one partition, 10 s jitter", packed=True, split_prefixes=False, jitter=10.0),
+    Scenario("packed, one partition, lookup retries", packed=True, split_prefixes=False, jitter=0.0),
+    Scenario("packed, one partition", packed=True, split_prefixes=False, jitter=0.0, patient=True),
+    Scenario("packed, prefixes split", packed=True, split_prefixes=True, jitter=0.0, patient=True),
+    Scenario("packed, one partition, pinned NAME@N", packed=True, split_prefixes=False, jitter=0.0, pinned=True, patient=True),
+    Scenario("packed, one partition, 10 s jitter", packed=True, split_prefixes=False, jitter=10.0, patient=True),
 ]
 
 
@@ -245,12 +256,14 @@ def plot(results: list[dict[str, Any]], path: Path) -> None:
     axes[2].set_title("p99 seconds until a node is warm")
     for i, r in enumerate(results):
         if r["nodes_degraded"]:
-            axes[2].text(r["warm_seconds_p99"] or 0, i, f"  {r['nodes_degraded']} degraded", va="center", fontsize=8)
+            axes[2].text(r["warm_seconds_p99"] or 0, i, f"  {r['nodes_degraded']} nodes degraded", va="center", fontsize=8)
     for ax in axes:
         ax.set_yticks(list(y))
         ax.set_yticklabels(names if ax is axes[0] else [], fontsize=8)
         ax.invert_yaxis()
-        ax.set_xscale("log")
+    axes[0].set_xscale("log")
+    axes[1].set_xscale("symlog")
+    axes[2].set_xlabel("seconds (nodes that fetched everything)")
     fig.suptitle(f"{results[0]['nodes']} nodes start one job at once; S3 at {GET_RATE:.0f} GET/s per partition")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -268,6 +281,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--profile-from", nargs=2, metavar=("URL", "BUNDLE"), help="write the profile of a published bundle")
     ap.add_argument("--out", type=Path, default=RESULTS)
     ap.add_argument("--no-plot", action="store_true")
+    ap.add_argument("--only", metavar="TEXT", help="run the scenarios whose name contains TEXT")
     args = ap.parse_args(argv)
     if args.profile_from:
         profile = profile_from_store(*args.profile_from)
@@ -278,6 +292,8 @@ def main(argv: list[str] | None = None) -> None:
     profile = json.loads(args.profile.read_text())
     results = []
     for sc in SCENARIOS:
+        if args.only and args.only not in sc.name:
+            continue
         r = simulate(profile, sc, nodes=args.nodes, connections=args.connections, latency=args.latency,
                      conn_mbps=args.conn_mbps, get_rate=args.get_rate, seed=args.seed)  # fmt: skip
         results.append(r)
@@ -291,7 +307,8 @@ def main(argv: list[str] | None = None) -> None:
             "connections_per_node": args.connections,
             "latency_s": args.latency,
             "conn_mbps": args.conn_mbps,
-            "retry": f"full jitter, base {THROTTLED_BASE} s, cap {MAX_BACKOFF} s, {MAX_ATTEMPTS} attempts",
+            "retry": f"full jitter, base {THROTTLED_BASE} s, cap {MAX_BACKOFF} s, {MAX_ATTEMPTS} attempts; "
+            f"patient: {PATIENT_ROUNDS} rounds of those, {PATIENT_BASE} s doubling between rounds",
             "partition_scaling": "not modelled (one partition, or every prefix already split)",
             "seed": args.seed,
         },
