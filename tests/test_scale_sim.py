@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -13,6 +14,7 @@ def _sim():  # noqa: ANN202 - the benchmark module
     spec = importlib.util.spec_from_file_location("scale_sim", ROOT / "benchmarks" / "scale_sim.py")
     assert spec and spec.loader
     module = importlib.util.module_from_spec(spec)
+    sys.modules["scale_sim"] = module  # dataclasses look their module up
     spec.loader.exec_module(module)
     return module
 
