@@ -61,7 +61,9 @@ def _worth_retrying(exc: BaseException) -> bool:
     return getattr(exc, "status", None) in _RETRY_STATUS or str(getattr(exc, "code", "")) in ("SlowDown", "503")
 
 
-def patiently(fn: Callable[[], object], *, rounds: int = PATIENT_ROUNDS, sleep: Callable[[float], None] = time.sleep) -> object:
+def patiently(fn: Callable[[], object], *, rounds: int = PATIENT_ROUNDS,
+              sleep: Callable[[float], None] = time.sleep) -> object:  # fmt: skip
+    """fn(), retried after throttling or server errors for ``rounds`` rounds with full-jitter backoff."""
     for attempt in range(1, rounds + 1):
         try:
             return fn()
@@ -330,7 +332,8 @@ def plan_reads(todo: list[_Wanted]) -> list[list[_Wanted]]:
         end = w.where.offset + w.where.length
         if runs:
             first = runs[-1][0].where
-            if w.where.pack == first.pack and w.where.offset - ends[-1] <= READ_GAP_BYTES and end - first.offset <= READ_PART_BYTES:
+            near = w.where.offset - ends[-1] <= READ_GAP_BYTES and end - first.offset <= READ_PART_BYTES
+            if w.where.pack == first.pack and near:
                 runs[-1].append(w)
                 ends[-1] = max(ends[-1], end)
                 continue
@@ -359,7 +362,8 @@ def _read_run(store: Store, bundle: Bundle, run: list[_Wanted], sink: Callable[[
             try:
                 w.check(obj)
             except FormatError as exc:
-                log.warning("castore: %s in pack %s failed verification (%s); reading it from its own path", w.path, path, exc)
+                log.warning("castore: %s in pack %s failed verification (%s); reading it from its own path",
+                            w.path, path, exc)  # fmt: skip
                 obj = None
         if obj is None:
             out.fallback_reads += 1
@@ -409,15 +413,10 @@ class _ObjectReader:
 
 
 # -- into a directory, into the local layer --------------------------------------------------------------
-def pull(store: Store, ref: str, dest: Backend, *, progress: Callable[[int], None] | None = None,
-         on_bundle: Callable[[Bundle], None] | None = None) -> tuple[Bundle, FetchReport]:  # fmt: skip
-    """Copy a bundle's closure into another backend (a file:// store), verified. Objects it holds are kept."""
-    bundle = open_bundle(store, ref)
-    if on_bundle is not None:
-        on_bundle(bundle)
-    have = getattr(dest, "exists")
-    report = fetch(store, bundle, lambda path, obj: dest.put(path, obj), have=have, progress=progress)
-    return bundle, report
+def pull(store: Store, bundle: Bundle, dest: Backend, *, progress: Callable[[int], None] | None = None) -> FetchReport:
+    """Copy a bundle's closure (open_bundle) into another backend (a file:// store), verified. Objects it holds
+    already are kept."""
+    return fetch(store, bundle, lambda path, obj: dest.put(path, obj), have=dest.exists, progress=progress)
 
 
 PREFETCH_MARKER_TTL = 600.0  # seconds a node trusts that it prefetched a bundle's newest version

@@ -60,13 +60,13 @@ def test_pull_copies_a_verified_closure_readable_offline(tmp_path: Path) -> None
     entries = _fill(store, 6)
     bundles.publish(store, "job", entries, FP)
     dest = FileBackend(str(tmp_path / "pulled"))
-    bundle, report = bundles.pull(store, "job", dest)
+    report = bundles.pull(store, bundles.open_bundle(store, "job"), dest)
     assert not report.bad and report.fallback_reads == 0
     assert report.ranged_reads == 1, "one pack, neighbours coalesced: one ranged read"
     pulled = Store(dest, read_only=True)
     for ns, key in entries:
         assert pulled.get(ns, key) == store.get(ns, key)
-    _, again = bundles.pull(store, "job", dest)
+    again = bundles.pull(store, bundles.open_bundle(store, "job"), dest)
     assert again.objects == 0 and again.skipped == report.objects, "a second pull fetches nothing"
 
 
@@ -82,7 +82,7 @@ def test_a_damaged_pack_is_never_trusted(tmp_path: Path) -> None:
     path.write_bytes(bytes(data))
 
     dest = FileBackend(str(tmp_path / "pulled"))
-    _, report = bundles.pull(store, "job", dest)
+    report = bundles.pull(store, bundles.open_bundle(store, "job"), dest)
     assert not report.bad and report.fallback_reads == report.objects > 0, "each object re-read from its own path"
     pulled = Store(dest, read_only=True)
     assert all(pulled.get(ns, k) == store.get(ns, k) for ns, k in entries)
@@ -91,7 +91,7 @@ def test_a_damaged_pack_is_never_trusted(tmp_path: Path) -> None:
     for item in result.bundle.index.chunks:
         (tmp_path / "s" / keys.chunk_path(item.digest)).unlink()
     dest2 = FileBackend(str(tmp_path / "pulled2"))
-    _, report2 = bundles.pull(store, "job", dest2)
+    report2 = bundles.pull(store, bundles.open_bundle(store, "job"), dest2)
     assert len(report2.bad) == len(result.bundle.index.chunks)
     assert not any(dest2.exists(keys.chunk_path(c.digest)) for c in result.bundle.index.chunks)
 

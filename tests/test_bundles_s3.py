@@ -41,7 +41,7 @@ def test_pull_costs_a_handful_of_requests_with_read_only_credentials(seaweedfs: 
     with FaultProxy(seaweedfs.endpoint, record=True) as proxy:
         store = castore.open_store(f"s3://{published['bucket']}/p?endpoint={proxy.endpoint}", cache_size=0)
         dest = FileBackend(str(tmp_path / "pulled"))
-        bundle, report = bundles.pull(store, "job", dest)
+        report = bundles.pull(store, bundles.open_bundle(store, "job"), dest)
         store.close()
         seen = [f"{r.method} {r.target.split('?')[0]}" for r in proxy.seen]
     assert not report.bad and report.objects == published["objects"]
@@ -57,7 +57,7 @@ def test_pull_rides_out_throttling(seaweedfs: Any, published: dict[str, Any], tm
         # One attempt per request in the backend: every 503 reaches the bundle reader's own patience.
         store = castore.open_store(f"s3://{published['bucket']}/p?endpoint={proxy.endpoint}", cache_size=0, max_attempts=1)
         proxy.fail_next = 3
-        bundle, report = bundles.pull(store, "job@1", FileBackend(str(tmp_path / "pulled")))
+        report = bundles.pull(store, bundles.open_bundle(store, "job@1"), FileBackend(str(tmp_path / "pulled")))
         store.close()
         assert proxy.faulted == 3
     assert not report.bad and report.objects == published["objects"] and report.fallback_reads == 0

@@ -118,7 +118,8 @@ class BundleIndex:
         except Exception as exc:  # msgpack raises several unrelated types on bad input
             raise PackError(f"bundle index is not valid msgpack: {exc}") from exc
         if not isinstance(doc, dict) or doc.get("format") != INDEX_FORMAT:
-            raise PackError(f"bundle index has no supported format version: {doc.get('format') if isinstance(doc, dict) else doc!r}")
+            found = doc.get("format") if isinstance(doc, dict) else type(doc).__name__
+            raise PackError(f"bundle index has no supported format version: {found!r}")
         index = cls()
         try:
             for d, n in doc["packs"]:
@@ -143,7 +144,8 @@ class BundleIndex:
         if len(loc) != 3 or not all(_uint(x) for x in loc):
             raise PackError("bundle index: bad object location")
         pack, offset, length = loc
-        if pack >= len(self.packs) or not 0 < length <= max_length or offset < len(PACK_MAGIC) or offset + length > self.packs[pack][1]:
+        inside = pack < len(self.packs) and len(PACK_MAGIC) <= offset and offset + length <= self.packs[pack][1]
+        if not inside or not 0 < length <= max_length:
             raise PackError("bundle index: object location outside its pack")
         return Location(pack, offset, length)
 
