@@ -77,3 +77,24 @@ def test_prefetch_fills_the_local_layer_once_per_node(seaweedfs: Any, published:
         again = bundles.prefetch_into_local(castore.open_store(url, cache_dir=str(tmp_path / "local")), "job")
         assert again is not None and again.objects == 0 and proxy.requests == 0
         store.close()
+
+
+def test_a_session_with_castore_bundle_serves_lookups_from_the_prefetched_bundle(
+    seaweedfs: Any, published: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from castore.config import load_config
+    from castore.torch.session import StoreSession
+
+    monkeypatch.setenv("CASTORE_BUNDLE", "job")
+    with FaultProxy(seaweedfs.endpoint, record=True) as proxy:
+        url = f"s3://{published['bucket']}/p?endpoint={proxy.endpoint}"
+        config = load_config({"url": url, "cache_dir": str(tmp_path / "local"), "slow_request": 60.0}, env={})
+        session = StoreSession(config, "torch-test")
+        session.prewarm()  # what castore.torch.install() does: opens the store, then prefetches the bundle
+        # The first lookup waits (at most store_wait) for the prefetch; then every lookup is served by the node.
+        assert all(session.get("fx-graph", key) is not None for _, key in published["entries"])
+        session.close()
+        seen = [f"{r.method} {r.target.split('?')[0]}" for r in proxy.seen]
+    assert session.stats.prefetched == published["objects"]
+    assert len(seen) == 3, seen
+    assert session.stats.bucket_fetches == 1 and session.stats.local_hits > 0  # the bundle manifest, through the layer

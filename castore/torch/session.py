@@ -114,6 +114,8 @@ class StoreSession:
         self._disabled_until = 0.0
         self._warned = False
         self._read_only = config.read_only  # also set on the first write refused for want of permission
+        # A bundle names everything the job needs: it supersedes fetch plans (neither read nor written).
+        self._bundled = bool(os.environ.get(BUNDLE_ENV))
         self._start_fresh()
         _sessions.add(self)
         atexit.register(self.close)
@@ -222,7 +224,7 @@ class StoreSession:
         counters = self._counters(cache)
         if self._anchor is None and cache in PLAN_ANCHORS and self.available():
             self._anchor = (cache, key)
-            if self.config.prefetch:
+            if self.config.prefetch and not self._bundled:
                 self._start_prefetch()
         if not self.available():
             with self._stats_lock:
@@ -342,7 +344,7 @@ class StoreSession:
         that only read narrows the plan to what it read: what a fresh machine needs, not everything a cold
         compile wrote (the Triton kernels of an FX entry's bundle, for one, are never looked up again).
         """
-        if self._anchor is None or self._read_only or not self.available():
+        if self._anchor is None or self._read_only or self._bundled or not self.available():
             return
         touched = [entry for entry in list(self._touched) if entry != self._anchor]
         known = self._plan or set()
