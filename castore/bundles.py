@@ -174,6 +174,14 @@ def publish(store: Store, name: str, entries: Iterable[Entry], fingerprint: dict
     found = versions(store, name)
     previous = open_bundle(store, f"{name}@{found[-1]}") if found else None
     reader = _ObjectReader(store)
+    try:
+        return _publish(store, name, closure, fingerprint, meta, found, previous, reader)
+    finally:
+        reader.close()
+
+
+def _publish(store: Store, name: str, closure: list[Entry], fingerprint: dict[str, str], meta: dict[str, object] | None,
+             found: list[int], previous: Bundle | None, reader: _ObjectReader) -> PublishResult:  # fmt: skip
     raws = reader.map(lambda e: (e, store.backend.get(keys.manifest_path(*e))), closure)
     manifests: list[tuple[Entry, bytes, Manifest]] = []
     for entry, raw in raws:
@@ -187,8 +195,12 @@ def publish(store: Store, name: str, entries: Iterable[Entry], fingerprint: dict
     old_manifests: dict[tuple[str, str, bytes], ManifestItem] = {}
     old_chunks: dict[bytes, ChunkItem] = {}
     if previous is not None:
-        old_manifests = {(i.namespace, i.key, i.sha256): i for i in previous.index.manifests}
-        old_chunks = {c.digest: c for c in previous.index.chunks}
+        # Objects in the earlier version's packs are not packed again, provided those packs are still there.
+        packs = previous.index.packs
+        present = reader.map(lambda p: store.backend.exists(pack_path(p[0])), packs)
+        live = {i for i, ok in enumerate(present) if ok}
+        old_manifests = {(i.namespace, i.key, i.sha256): i for i in previous.index.manifests if i.where.pack in live}
+        old_chunks = {c.digest: c for c in previous.index.chunks if c.where.pack in live}
         same_env = previous.fingerprint == {k: str(v) for k, v in fingerprint.items()}
         if same_env and previous.entries == closure and all(
             (e[0], e[1], hashlib.sha256(raw).digest()) in old_manifests for e, raw, _ in manifests
@@ -266,7 +278,6 @@ def publish(store: Store, name: str, entries: Iterable[Entry], fingerprint: dict
         for ref, obj in reader.map(read_chunk, new_refs[start : start + 256]):
             add(("c", ref.digest, ref.size), obj)
     flush_pack()
-    reader.close()
 
     version = (found[-1] if found else 0) + 1
     bundle_meta: dict[str, object] = {"bundle": name, "version": version, "entries": len(closure), **(meta or {})}

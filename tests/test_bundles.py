@@ -133,3 +133,14 @@ def test_bundle_names_and_versions() -> None:
     assert version_of("train", "train.12") == 12
     assert version_of("train", "train.gpu.3") is None, "another bundle's key (train.gpu, version 3)"
     assert version_of("train", "train.012") is None and version_of("train", "train.") is None
+
+
+def test_a_new_version_repacks_what_a_vanished_pack_held(tmp_path: Path) -> None:
+    store = _store(tmp_path / "s")
+    entries = _fill(store, 4)
+    first = bundles.publish(store, "job", entries, FP)
+    store.backend.delete(first.bundle.index.pack_path(0))
+    again = bundles.publish(store, "job", entries, FP)
+    assert again.published and again.objects_reused == 0 and again.packs_written == 1
+    report = bundles.pull(store, again.bundle, FileBackend(str(tmp_path / "pulled")))
+    assert not report.bad and report.fallback_reads == 0
