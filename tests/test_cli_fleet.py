@@ -24,7 +24,8 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def _castore(args: list[str], tmp_path: Path, **env: str) -> subprocess.CompletedProcess[str]:
     full = {k: v for k, v in os.environ.items() if not k.startswith(("CASTORE_", "AWS_"))}
-    full.update(PYTHONPATH=str(ROOT), XDG_CONFIG_HOME=str(tmp_path / "xdg"), CASTORE_CACHE_DIR=str(tmp_path / "cache"), **env)
+    full.update(PYTHONPATH=str(ROOT), XDG_CONFIG_HOME=str(tmp_path / "xdg"), CASTORE_CACHE_DIR=str(tmp_path / "cache"))
+    full.update(env)
     return subprocess.run([sys.executable, "-m", "castore", *args], env=full, cwd=tmp_path, capture_output=True, text=True, timeout=300)
 
 
@@ -97,3 +98,27 @@ def test_pull_writes_a_store_and_an_env_sh_that_points_at_it(store_url: str, tmp
 
     missing = _castore(["--url", store_url, "pull", "nope", "--into", str(tmp_path / "x")], tmp_path)
     assert missing.returncode == 1 and "no bundle named 'nope'" in missing.stderr
+
+
+@pytest.mark.torch
+@pytest.mark.slow
+def test_prewarm_records_the_entries_compile_workers_wrote(tmp_path: Path) -> None:
+    """Entries put from inside Inductor's compile worker (a process the job's Python starts) are in the bundle."""
+    scripts = ROOT / "tests" / "scripts"
+    store_url = f"file://{tmp_path}/store"
+    (tmp_path / "tmp").mkdir()
+    proc = _castore(
+        # torch first: under castore's autoload, a script calling castore.torch.install() before importing torch
+        # would deadlock on install()'s lock (the import re-enters it).
+        ["--url", store_url, "prewarm", "--name", "workers", "--json", "--", sys.executable, "-c",
+         "import sys, torch, worker_autotune; sys.argv[1:] = ['3']; worker_autotune.main()"],
+        tmp_path,
+        PYTHONPATH=os.pathsep.join([str(scripts), str(ROOT)]),
+        TORCHINDUCTOR_CACHE_DIR=str(tmp_path / "inductor"),
+        TMPDIR=str(tmp_path / "tmp"),
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads(next(line for line in proc.stdout.splitlines() if line.startswith("RESULT "))[len("RESULT ") :])
+    assert result["pid"] != result["parent_pid"] and result["castore_active"]
+    b = bundles.open_bundle(Store(FileBackend(str(tmp_path / "store"))), "workers")
+    assert len([key for _, key in b.entries if "castore-worker-test" in key]) == 3, b.entries
