@@ -64,3 +64,13 @@ class ConfigError(CastoreError, ValueError):
 
 class KeyExistsError(CastoreError):
     """put(..., overwrite=False) found the key already published."""
+
+
+def is_access_denied(exc: BaseException) -> bool:
+    """Whether a failed write was refused for want of permission (read-only credentials, a read-only store),
+    as opposed to a fault worth retrying or reporting. Backends' errors carry an HTTP ``status`` or S3 ``code``."""
+    if isinstance(exc, ReadOnlyError):
+        return True
+    status = getattr(exc, "status", None) or getattr(exc, "status_code", None)
+    code = str(getattr(exc, "code", "") or "")
+    return status == 403 or code in ("AccessDenied", "AllAccessDisabled", "Forbidden") or "AccessDenied" in str(exc)

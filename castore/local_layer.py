@@ -193,6 +193,11 @@ class LocalLayer(Backend):
         """This node's copy of the object, unchecked (repair checks it), or None."""
         return read_file(self.local_path(path))
 
+    def admit(self, path: str, data: bytes) -> None:
+        """Hold an object the caller fetched and verified itself (a bundle's prefetch, read from a pack)."""
+        if not self.holds(path):
+            self._store_local(path, data)
+
     def holds(self, path: str) -> bool:
         """Whether this node already holds the object (no request to the inner backend)."""
         return os.path.isfile(self.local_path(path))

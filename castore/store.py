@@ -253,7 +253,21 @@ class Store:
             raise FormatError(f"manifest at {namespace}/{key} describes {manifest.namespace}/{manifest.key}")
         return manifest
 
-    def _put(self, namespace, key, view, *, kind, meta, overwrite, progress, files=None) -> PutResult:  # noqa: ANN001
+    def put_bundle(
+        self,
+        namespace: str,
+        key: str,
+        data: bytes | bytearray | memoryview,
+        *,
+        refs: Iterable[tuple[str, str]],
+        meta: dict[str, object] | None = None,
+        overwrite: bool = False,
+    ) -> PutResult:
+        """Store a bundle (docs/FORMAT.md, 'Bundles and packs'): its index as the blob, the entries it names as refs."""
+        return self._put(namespace, key, memoryview(data).cast("B"), kind="bundle", meta=meta, overwrite=overwrite,
+                         progress=None, refs=list(refs))  # fmt: skip
+
+    def _put(self, namespace, key, view, *, kind, meta, overwrite, progress, files=None, refs=None) -> PutResult:  # noqa: ANN001
         keys.validate_namespace(namespace)
         keys.validate_key(key)
         if self.read_only:
@@ -265,6 +279,7 @@ class Store:
             digest=hashlib.sha256(view).digest(),
             kind=kind,
             files=files or [],
+            refs=refs or [],
             meta={"castore": __version__, **{k: _meta_value(v) for k, v in (meta or {}).items()}},
             writer=f"castore/{__version__}",
         )
@@ -473,6 +488,10 @@ class Store:
         extract_tree(manifest, data, dest)
         self._bump(hits=1, bytes_read=len(data))
         return True
+
+    def read_blob(self, manifest: Manifest, progress: ProgressFn | None = None) -> bytes | None:
+        """The verified blob of a manifest stat() returned, or None when a chunk is missing or corrupt."""
+        return self._read_blob(manifest, progress)
 
     # -- verified reading: every object checked once, a local copy refetched once, bad objects remembered -------
     def _warn_once(self, path: str, message: str, *args: object) -> None:

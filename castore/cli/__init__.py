@@ -1,6 +1,6 @@
 """The ``castore`` command line: the click group, with the commands of each module registered on it.
 
-Each command module (store_cmds, torch_cmds, bench_cmd, key_cmds, ops_cmds) defines plain click commands on top of ``common`` and
+Each command module (store_cmds, torch_cmds, bench_cmd, key_cmds, ops_cmds, fleet_cmds) defines plain click commands on top of ``common`` and
 imports nothing of the others; this module only builds the group and adds them. Errors derived from
 :class:`castore.errors.CastoreError` raised in any command become one stderr line and the documented exit code
 (:class:`castore.cli.common.CastoreGroup`).
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import click
 
-from castore.cli import bench_cmd, key_cmds, ops_cmds, store_cmds, torch_cmds
+from castore.cli import bench_cmd, fleet_cmds, key_cmds, ops_cmds, store_cmds, torch_cmds
 from castore.cli.common import EPILOG, CastoreGroup, _setup_logging, _state
 
 
@@ -29,7 +29,7 @@ def main(ctx: click.Context, url: str | None, cache_dir: str | None, read_only: 
     state["overrides"] = {"url": url, "cache_dir": cache_dir, "read_only": read_only}
 
 
-for _module in (store_cmds, torch_cmds, bench_cmd, key_cmds, ops_cmds):
+for _module in (store_cmds, torch_cmds, bench_cmd, key_cmds, ops_cmds, fleet_cmds):
     for _command in _module.COMMANDS:
         main.add_command(_command)
 

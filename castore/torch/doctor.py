@@ -152,12 +152,17 @@ def _setting_diffs(module: str, here: Fingerprint, there: Fingerprint, named: se
     return diffs
 
 
+def _same(a: object, b: object) -> bool:
+    """Equal, or equal as text: a bundle records its fingerprint as text (castore.bundles)."""
+    return a == b or ("" if a is None else str(a)) == ("" if b is None else str(b))
+
+
 def compare(here: Fingerprint, there: Fingerprint) -> list[FieldDiff]:
     """The fields recorded in ``there`` that differ here (an entry records what its castore version knew)."""
     diffs = []
-    named = {f for f, v in there.items() if f.startswith("flag.") and f in here and here[f] != v}
+    named = {f for f, v in there.items() if f.startswith("flag.") and f in here and not _same(here[f], v)}
     for name, value in there.items():
-        if name in _INFORMATIONAL or name.endswith("_changed") or name not in here or here[name] == value:
+        if name in _INFORMATIONAL or name.endswith("_changed") or name not in here or _same(here[name], value):
             continue
         if name == "gpu_index" and not here.get("gpu_name") and not there.get("gpu_name"):
             continue

@@ -197,3 +197,9 @@ def from_meta(meta: dict[str, object]) -> Fingerprint:
 
 
 __all__ = ["META_PREFIX", "Fingerprint", "as_meta", "cpu_isa", "fingerprint", "from_meta"]
+
+
+def machine_fingerprint() -> dict[str, str]:
+    """This machine's fingerprint with every value as text: what a prewarm bundle records of the machine that
+    built it (castore.bundles), in the same fields as an entry's ``env.<field>`` meta."""
+    return {name: "" if value is None else str(value) for name, value in fingerprint().items()}

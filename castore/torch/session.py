@@ -20,9 +20,10 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
 from castore.config import Config
-from castore.errors import BackendUnavailable, CastoreError, InvalidKeyError
+from castore.errors import BackendUnavailable, CastoreError, InvalidKeyError, is_access_denied
 from castore.format import keys as keyfmt
 from castore.format.codec import sha256
+from castore.torch.recording import TouchRecorder
 
 log = logging.getLogger("castore.torch")
 
@@ -34,6 +35,8 @@ PLAN_LIMIT = 4096  # entries; a plan names what one job compiled, not a whole bu
 # costs less than a parallel fetch competing with the compile for the CPU (measured in docs/TORCH.md).
 PREFETCH_MIN_ROUND_TRIP = 0.010
 DEFERRED = "deferred"  # background work that is not an entry of the store (copies into PyTorch's local dirs)
+# A bundle (castore prewarm) whose closure a process brings into the node's local layer at start (castore.bundles).
+BUNDLE_ENV = "CASTORE_BUNDLE"
 
 
 @dataclass
@@ -137,6 +140,9 @@ class StoreSession:
         self._open_store = open_store
         self._disabled_until = 0.0
         self._warned = False
+        self._read_only = config.read_only  # also set on the first write refused for want of permission
+        # A bundle names everything the job needs: it supersedes fetch plans (neither read nor written).
+        self._bundled = bool(os.environ.get(BUNDLE_ENV))
         self._start_fresh()
         _sessions.add(self)
         atexit.register(self.close)
@@ -161,6 +167,9 @@ class StoreSession:
         self._prefetcher: threading.Thread | None = None
         self._closed = False
         self._wrote = False  # this process queued an entry (it compiled something)
+        self._recorder = TouchRecorder.from_environment()  # under `castore prewarm`: what this process used
+        self._bundle_done: threading.Event | None = None  # set when the CASTORE_BUNDLE prefetch has finished
+        self._bundle_deadline: float | None = None
 
     # -- plumbing --------------------------------------------------------------------------------
     @property
@@ -182,13 +191,45 @@ class StoreSession:
         """Open the store on a background thread (imports, credentials and the connection pool),
         so that it overlaps with model construction and tracing instead of delaying the first cache lookup."""
 
+        bundle = os.environ.get(BUNDLE_ENV)
+        if bundle:
+            self._bundle_done = threading.Event()
+
         def open_quietly() -> None:
             try:
                 _ = self.store
+                if bundle:
+                    self._prefetch_bundle(bundle)
             except Exception as exc:  # noqa: BLE001 - the first get reports and handles it
                 log.debug("castore: opening the store failed: %s", exc)
+            finally:
+                if self._bundle_done is not None:
+                    self._bundle_done.set()
 
         threading.Thread(target=open_quietly, name="castore-open", daemon=True).start()
+
+    def _prefetch_bundle(self, ref: str) -> None:
+        """Bring the bundle's closure into the local layer with a few ranged GETs (castore.bundles)."""
+        from castore.bundles import prefetch_into_local
+
+        try:
+            report = prefetch_into_local(self.store, ref)
+        except Exception as exc:  # noqa: BLE001 - an optimisation: lookups fetch what it did not
+            log.info("castore: prefetching bundle %s failed: %s", ref, exc)
+            return
+        if report is not None:
+            with self._stats_lock:
+                self.stats.prefetched += report.objects
+            log.info("castore: bundle %s: %d objects prefetched, %d held already", ref, report.objects, report.skipped)
+
+    def _await_bundle(self) -> None:
+        """The first lookups wait for the bundle's prefetch, at most store_wait seconds in all."""
+        done = self._bundle_done
+        if done is None or done.is_set():
+            return
+        if self._bundle_deadline is None:
+            self._bundle_deadline = time.monotonic() + self.config.store_wait
+        done.wait(max(0.0, self._bundle_deadline - time.monotonic()))
 
     def available(self) -> bool:
         return time.monotonic() >= self._disabled_until
@@ -212,13 +253,14 @@ class StoreSession:
         counters = self._counters(cache)
         if self._anchor is None and cache in PLAN_ANCHORS and self.available():
             self._anchor = (cache, key)
-            if self.config.prefetch:
+            if self.config.prefetch and not self._bundled:
                 self._start_prefetch()
         if not self.available():
             with self._stats_lock:
                 counters.skipped += 1
                 counters.misses += 1
             return None
+        self._await_bundle()
         start = time.monotonic()
         try:
             store = self.store
@@ -303,6 +345,8 @@ class StoreSession:
     def _touch(self, cache: str, key: str) -> None:
         if len(self._touched) < 2 * PLAN_LIMIT:
             self._touched[(cache, key)] = None
+        if self._recorder is not None:
+            self._recorder.note(self.namespace, castore_key(key))
 
     def _start_prefetch(self) -> None:
         anchor = self._anchor
@@ -334,7 +378,7 @@ class StoreSession:
         that only read narrows the plan to what it read: what a fresh machine needs, not everything a cold
         compile wrote (the Triton kernels of an FX entry's bundle, for one, are never looked up again).
         """
-        if self._anchor is None or self.config.read_only or not self.available():
+        if self._anchor is None or self._read_only or self._bundled or not self.available():
             return
         touched = [entry for entry in list(self._touched) if entry != self._anchor]
         known = self._plan or set()
@@ -350,8 +394,10 @@ class StoreSession:
     # -- writes (background) ---------------------------------------------------------------------
     def put(self, cache: str, key: str, data: bytes, meta: dict[str, object] | None = None) -> None:
         """Queue a write; returns at once. Never raises."""
-        if self.config.read_only:
+        if self._read_only:
             return
+        if self._recorder is not None:  # needed by the job even when the write below is skipped: prewarm checks
+            self._recorder.note(self.namespace, castore_key(key))
         if not self.available():
             with self._stats_lock:
                 self._counters(cache).skipped += 1
@@ -384,6 +430,8 @@ class StoreSession:
                     continue  # counted in close()'s warning
                 if callable(item):
                     self._run_deferred(item)
+                elif self._read_only:
+                    pass  # the credentials turned out read-only: nothing more is sent
                 else:
                     self._write(*item)
             finally:
@@ -415,8 +463,17 @@ class StoreSession:
                 counters.put_errors += 1
             if self._abandoned:  # cancelled at exit: close() has reported it
                 log.debug("castore: put of %s entry abandoned at exit: %r", cache, exc)
+            elif is_access_denied(exc):
+                self._become_read_only(exc)  # reads go on: no circuit breaker, no warning
             else:
                 self._trip(f"put to {self.config.url}", exc)
+
+    def _become_read_only(self, exc: BaseException) -> None:
+        """A write refused for want of permission: a fleet machine with read-only credentials. Reads go on; no
+        further write is attempted by this process, and nothing is worth a warning."""
+        if not self._read_only:
+            self._read_only = True
+            log.info("castore: %s refused a write (%s); this process is read-only from now on", self.config.url, exc)
 
     def flush(self, timeout: float | None = None) -> bool:
         """Wait until queued writes are done; False if ``timeout`` passed first."""
@@ -442,6 +499,10 @@ class StoreSession:
         except KeyboardInterrupt:
             self._abandon("interrupted")
             raise
+        if self._recorder is not None:
+            if self._anchor is not None and self._plan:  # a fetch plan is stored (read, or written just now)
+                self._recorder.note(self.namespace, self.plan_key(self._anchor))
+            self._recorder.close()
         self.record_stats()
 
     def _abandon(self, why: str) -> None:
