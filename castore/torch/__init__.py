@@ -29,6 +29,7 @@ AUTOLOAD_DIR = os.path.join(os.path.dirname(__file__), "_autoload")
 TRITON_CACHE_MANAGER = "castore.torch.triton_cache:CastoreTritonCacheManager"
 
 _lock = threading.Lock()
+_installing = threading.local()  # install() of this thread is importing torch
 _active: dict[str, Any] = {}
 
 
@@ -51,7 +52,11 @@ def install(url: str | None = None, *, config: Config | None = None, namespace: 
         if config is None:
             config = load_config({"url": url, **overrides})
         apply_log_setting(config.log)
-        import torch  # noqa: F401 - the namespace names its version
+        _installing.active = True  # the autoload's hook runs inside this import: it must leave the install to us
+        try:
+            import torch  # noqa: F401 - the namespace names its version
+        finally:
+            _installing.active = False
 
         from castore.torch import artifacts, autotune_fixes, isa_probe, remote_caches
 
@@ -128,7 +133,11 @@ def _export_environment(env: dict[str, str]) -> None:
 
 
 def install_from_environment() -> StoreSession | None:
-    """Called in processes started under castore (``castore run``, compile workers)."""
+    """Called in processes started under castore (``castore run``, compile workers), right after torch's import;
+    nothing to do when that import happened inside an install() of this thread (a script calling install()
+    before importing torch), which goes on with its own arguments."""
+    if getattr(_installing, "active", False):
+        return None
     try:
         return install()
     except Exception as exc:  # noqa: BLE001 - never break the user's process
