@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import collections
-import concurrent.futures
 import hashlib
 import logging
 import os
-import tempfile
 import threading
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -16,24 +13,23 @@ from typing import TypeVar
 
 from castore import gc as gc_protocol
 from castore.backends.base import Backend
-from castore.errors import CorruptChunkError, FormatError, MovedEntryError, ReadOnlyError, UnsafeTreeError, UntrustedEntryError
+from castore.errors import FormatError, MovedEntryError, ReadOnlyError, UntrustedEntryError
 from castore.format import chunking, keys
 from castore.format import codec as codecs
 from castore.format.manifest import INLINE_THRESHOLD, ChunkRef, Manifest, TreeEntry, decode_envelope, encode_envelope
-from castore.format.tree import checked_entries, safe_mode, scan_tree
-from castore.fsutil import current_umask
+from castore.format.tree import checked_entries, scan_tree
+from castore import maintenance
 from castore.local_layer import LocalLayer
+from castore.maintenance import Usage, VerifyReport
+from castore.restore import extract_tree
+from castore.verified_reads import ProgressFn, VerifiedReads
 from castore.signing import SecretKey, TrustPolicy, Verdict, unchecked
 from castore.version import __version__
 
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_BLOB_SIZE = 64 << 30
-ProgressFn = Callable[[int], None]
 _T = TypeVar("_T")
-# One warning per bad chunk per process, naming the entry that needed it (others that share it miss silently).
-BAD_CHUNK = "castore: chunk %s %s; %s (and any entry that shares it) is treated as a miss"
-Sink = Callable[[bytes | memoryview], object]
 
 
 @dataclass
@@ -61,39 +57,7 @@ class StoreStats:
     chunks_deduplicated: int = 0
 
 
-@dataclass
-class VerifyReport:
-    manifests: int = 0
-    chunks: int = 0
-    bytes: int = 0
-    bad: list[str] = field(default_factory=list)  # every problem found
-    repaired: list[str] = field(default_factory=list)  # chunk objects uploaded again from a valid local copy
-    removed: list[str] = field(default_factory=list)  # objects deleted: beyond repair, or needing what was
-    unresolved: int = 0  # problems a repair could not fix (without --repair: every problem)
-
-    @property
-    def ok(self) -> bool:
-        return not self.bad
-
-
-@dataclass
-class Usage:
-    manifests: int = 0
-    logical_bytes: int = 0  # sum of blob sizes over all manifests
-    referenced_bytes: int = 0  # sum of unique chunk sizes the manifests reference (after dedup)
-    stored_bytes: int = 0  # bytes of chunk objects and manifests in the bucket (after dedup and compression)
-    chunk_objects: int = 0
-
-    @property
-    def dedup_ratio(self) -> float:
-        return self.logical_bytes / self.referenced_bytes if self.referenced_bytes else 1.0
-
-    @property
-    def compression_ratio(self) -> float:
-        return self.logical_bytes / self.stored_bytes if self.stored_bytes else 1.0
-
-
-class Store:
+class Store(VerifiedReads):
     #: The gc protocol's writer side (FORMAT.md 5): reused chunk objects older than this are uploaded again, and
     #: chunks so refreshed are checked again this long after (tests shorten both).
     chunk_refresh_age: float = gc_protocol.REFRESH_AGE
@@ -140,12 +104,6 @@ class Store:
     def _bucket(self) -> Backend:
         """The backend behind the local layer: what verification and repair look at."""
         return self.local.inner if self.local is not None else self.backend
-
-    @property
-    def bad_objects(self) -> frozenset[str]:
-        """Object paths this process found corrupt or missing and no longer asks for."""
-        with self._bad_lock:
-            return frozenset(self._bad)
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)
@@ -493,47 +451,6 @@ class Store:
         """The verified blob of a manifest stat() returned, or None when a chunk is missing or corrupt."""
         return self._read_blob(manifest, progress)
 
-    # -- verified reading: every object checked once, a local copy refetched once, bad objects remembered -------
-    def _warn_once(self, path: str, message: str, *args: object) -> None:
-        with self._bad_lock:
-            if path in self._warned:
-                return
-            self._warned.add(path)
-        log.warning(message, *args)
-
-    def _mark_bad(self, path: str, *, corrupt: bool, message: str | None = None, args: tuple[object, ...] = ()) -> None:
-        with self._bad_lock:
-            new = path not in self._bad
-            self._bad.add(path)
-        if new and corrupt:
-            self._bump(corrupt=1)
-        if message is not None:
-            self._warn_once(path, message, *args)
-
-    def _is_bad(self, path: str) -> bool:
-        with self._bad_lock:
-            return path in self._bad
-
-    def _forgive(self, path: str) -> None:
-        """This process wrote the object again: read it again."""
-        with self._bad_lock:
-            self._bad.discard(path)
-            self._warned.discard(path)
-
-    def _admission_check(self, path: str, data: bytes) -> None:
-        """What the local layer runs on bytes fetched by a plain get before keeping them (FormatError: not kept)."""
-        prefix = keys.ROOT + "/manifests/"
-        if path.startswith(prefix):
-            namespace, _, key = path[len(prefix) :].partition("/")
-            self._parse_manifest(data, namespace, key)
-            return
-        digest = keys.parse_chunk_path(path)
-        if digest is not None:
-            codec = codecs.codec_of(data)
-            decoded = codecs.decompress_at_most(codec, memoryview(data)[codecs.HEADER_SIZE :], chunking.MAX_CHUNK_SIZE)
-            if codecs.sha256(decoded) != digest:
-                raise CorruptChunkError(f"chunk {digest.hex()[:16]}… does not match its name")
-
     def lookup(self, namespace: str, key: str) -> Manifest | None:
         """The key's manifest as reads see it: None on a miss and for an unusable manifest (warned about once; a
         damaged local copy is dropped and the bucket's read instead). stat() raises for an unusable one."""
@@ -591,188 +508,6 @@ class Store:
         self._mark_bad(path, corrupt=False)  # warned about by the read that failed
         return manifest, None
 
-    def _inline_data(self, manifest: Manifest) -> bytes | None:
-        assert manifest.inline is not None
-        try:
-            return codecs.decode_chunk(manifest.inline, manifest.digest, manifest.size)
-        except (CorruptChunkError, FormatError) as exc:
-            self._corrupt(manifest, str(exc))
-            return None
-
-    def _read_blob(self, manifest: Manifest, progress: ProgressFn | None = None) -> bytes | None:
-        parts: list[bytes | memoryview] = []
-
-        def sink() -> Sink:
-            parts.clear()
-            return parts.append
-
-        if not self._read_into(manifest, sink, progress):
-            return None
-        return parts[0] if len(parts) == 1 and isinstance(parts[0], bytes) else b"".join(parts)
-
-    def _write_blob_file(self, manifest: Manifest, dest: str, progress: ProgressFn | None, keep_mode: bool) -> int | None:
-        """Stream the blob into a temporary file beside dest; rename it over dest once the blob digest matched."""
-        directory = os.path.dirname(dest) or "."
-        os.makedirs(directory, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                def sink() -> Sink:
-                    f.seek(0)
-                    f.truncate()
-                    return f.write
-
-                if not self._read_into(manifest, sink, progress):
-                    return None
-                mode = manifest.meta.get("mode")
-                if keep_mode and isinstance(mode, int) and not isinstance(mode, bool):
-                    os.fchmod(f.fileno(), safe_mode(mode))
-                else:
-                    os.fchmod(f.fileno(), 0o666 & ~current_umask())
-            os.replace(tmp, dest)
-            tmp = ""
-            return manifest.size
-        finally:
-            if tmp:
-                try:
-                    os.unlink(tmp)
-                except FileNotFoundError:
-                    pass
-
-    def _read_into(self, manifest: Manifest, open_sink: Callable[[], Sink], progress: ProgressFn | None) -> bool:
-        """Feed the blob's bytes, in order, to a sink; True only if they match the manifest's digest (a sink
-        must not be trusted before). open_sink() starts over (a second, strictly verified, pass)."""
-        if manifest.inline is not None:
-            data = self._inline_data(manifest)
-            if data is None:
-                return False
-            open_sink()(data)
-            if progress:
-                progress(len(data))
-            return True
-        strict = False
-        for _ in range(2):
-            outcome = self._stream_chunks(manifest, open_sink(), progress, strict)
-            if outcome is not None:
-                return outcome
-            strict, progress = True, None  # the blob digest failed: verify chunk by chunk (drops damaged local copies)
-        return False
-
-    def _stream_chunks(self, manifest: Manifest, sink: Sink, progress: ProgressFn | None, strict: bool) -> bool | None:
-        """Fetch chunks in parallel (a bounded window ahead, so memory stays bounded by what was fetched) and feed
-        them in order to sink while hashing the blob. True: every chunk arrived and the blob digest matches.
-        False: a chunk is unusable, or (strict) the digest fails. None: the digest failed without strict
-        verification of each chunk (a local copy may be damaged): the caller retries strictly."""
-        refs = manifest.chunks
-        owner = f"{manifest.namespace}/{manifest.key}"
-        covered = len(refs) == 1 and refs[0].digest == manifest.digest  # one chunk: its check is the blob's
-        hasher = None if covered else hashlib.sha256()
-        strict = strict or covered
-        pending: collections.deque = collections.deque()
-        upcoming = iter(refs)
-        # A chunk that repeats within the window is fetched once (a bad one must cost one request, not several).
-        in_flight: dict[bytes, concurrent.futures.Future] = {}
-        uses: collections.Counter[bytes] = collections.Counter()
-
-        def submit_next() -> None:
-            ref = next(upcoming, None)
-            if ref is not None:
-                future = in_flight.get(ref.digest)
-                if future is None:
-                    future = in_flight[ref.digest] = self._pool.submit(self._fetch_chunk, ref, strict, owner)
-                uses[ref.digest] += 1
-                pending.append((ref.digest, future))
-
-        for _ in range(max(4, 2 * self._workers)):
-            submit_next()
-        try:
-            while pending:
-                digest, future = pending.popleft()
-                uses[digest] -= 1
-                if not uses[digest]:
-                    del in_flight[digest]
-                part = future.result()
-                if part is None:
-                    # The chunk's own warning named this entry: no second line for the same damage.
-                    log.debug("castore: %s is incomplete or corrupt (a chunk is missing or corrupt)", owner)
-                    return False
-                submit_next()
-                if hasher is not None:
-                    hasher.update(part)
-                sink(part)
-                if progress:
-                    progress(len(part))
-        finally:
-            for _, future in pending:
-                future.cancel()
-            concurrent.futures.wait([future for _, future in pending])  # nothing of this read runs on after it returns
-        if hasher is not None and hasher.digest() != manifest.digest:
-            if strict:
-                self._corrupt(manifest, "blob digest mismatch")
-                return False
-            return None
-        return True
-
-    def _decode(self, obj: bytes, ref: ChunkRef, verify: bool) -> bytes | memoryview:
-        """A chunk object decoded to exactly ref.size bytes (bounded: decompression bombs), hashed when verify."""
-        if verify:
-            return codecs.decode_chunk(obj, ref.digest, ref.size)
-        codec = codecs.codec_of(obj)
-        payload = memoryview(obj)[codecs.HEADER_SIZE :]
-        if codec == codecs.CODEC_RAW:
-            if len(payload) != ref.size:
-                raise CorruptChunkError(f"raw chunk has {len(payload)} bytes, expected {ref.size}")
-            return payload  # no copy of raw chunks
-        return codecs.decompress(codec, payload, ref.size)
-
-    def _fetch_chunk(self, ref: ChunkRef, strict: bool, owner: str) -> bytes | memoryview | None:
-        """A decoded chunk, or None (missing or corrupt: warned about once and remembered). Bytes fetched from the
-        bucket into the local layer are always verified before it keeps them; others only when strict (the
-        caller checks the blob digest). A local copy that fails is dropped and the bucket asked once. BackendError
-        propagates."""
-        path = keys.chunk_path(ref.digest)
-        if self._is_bad(path):
-            return None
-        try:
-            if self.local is not None:
-                got = self.local.get_checked(path, lambda obj, from_disk: self._decode(obj, ref, strict or not from_disk))
-                part = None if got is None else got[0]
-            else:
-                obj = self.backend.get(path)
-                part = None if obj is None else self._decode(obj, ref, strict)
-        except FormatError as exc:
-            self._mark_bad(path, corrupt=True, message=BAD_CHUNK, args=(ref.digest.hex(), f"failed verification: {exc}", owner))
-            return None
-        if part is None:
-            self._mark_bad(path, corrupt=False, message=BAD_CHUNK, args=(ref.digest.hex(), f"is missing from {self.url}", owner))
-        return part
-
-    def _prefetch_chunk(self, ref: ChunkRef, owner: str) -> bool:
-        """Bring one chunk into the local layer, verified; a copy already there is left to the read's check."""
-        assert self.local is not None
-        path = keys.chunk_path(ref.digest)
-        if self._is_bad(path):
-            return False
-
-        def check(obj: bytes, from_disk: bool) -> bool:
-            if not from_disk:
-                codecs.decode_chunk(obj, ref.digest, ref.size)
-            return True
-
-        try:
-            got = self.local.get_checked(path, check)
-        except FormatError as exc:
-            self._mark_bad(path, corrupt=True, message=BAD_CHUNK, args=(ref.digest.hex(), f"failed verification: {exc}", owner))
-            return False
-        if got is None:
-            self._mark_bad(path, corrupt=False, message=BAD_CHUNK, args=(ref.digest.hex(), f"is missing from {self.url}", owner))
-            return False
-        return True
-
-    def _corrupt(self, manifest: Manifest, why: str) -> None:
-        self._warn_once(f"entry:{manifest.namespace}/{manifest.key}",
-                        "castore: %s/%s is incomplete or corrupt (%s); treated as a miss", manifest.namespace, manifest.key, why)
-
     # -- listing, deleting, checking -------------------------------------------------------------
     def namespaces(self) -> list[str]:
         root = keys.ROOT + "/manifests/"
@@ -798,245 +533,16 @@ class Store:
         return True
 
     def verify(self, namespace: str | None = None, key: str | None = None, *, repair: bool = False) -> VerifyReport:
-        """Re-hash every chunk of one key, or of every manifest (and every chunk object) in the store, as the
-        bucket holds them (not the local layer's copies).
-
-        With repair: a corrupt or missing chunk is uploaded again from a valid copy in the local layer; a chunk
-        object beyond repair is deleted, with every manifest that needs it and every unusable manifest, so the
-        next writer (the next compile) publishes the entry again.
-        """
-        if repair and self.read_only:
-            raise ReadOnlyError(f"store {self.url} is read-only")
-        report = VerifyReport()
-        bucket = self._bucket
-        if key is not None:
-            assert namespace is not None
-            targets = [(namespace, key)]
-        else:
-            targets = [(ns, k) for ns, k, _ in self.list(namespace)]
-        usable: dict[bytes, bool] = {}  # digest -> a valid copy is in the bucket (after any repair)
-        lock = threading.Lock()
-
-        def problem_of(obj: bytes | None, digest: bytes, size: int | None) -> str | None:
-            if obj is None:
-                return "missing"
-            try:
-                if size is not None:
-                    codecs.decode_chunk(obj, digest, size)
-                else:
-                    self._admission_check(keys.chunk_path(digest), obj)
-            except FormatError as exc:
-                return str(exc)
-            return None
-
-        def check(digest: bytes, size: int | None) -> bool:
-            path = keys.chunk_path(digest)
-            obj = bucket.get(path)
-            problem = problem_of(obj, digest, size)
-            ok = problem is None
-            if problem is not None:
-                with lock:
-                    report.bad.append(f"chunk {digest.hex()}: {problem}")
-                if repair:
-                    ok = self._repair_chunk(digest, size, problem_of)
-                    with lock:
-                        if ok:
-                            report.repaired.append(f"chunk {digest.hex()}")
-                        elif obj is not None:
-                            report.removed.append(f"chunk {digest.hex()}")
-                    if not ok and obj is not None:
-                        self.backend.delete(path)
-            with lock:
-                report.chunks += 1
-                if obj is not None and ok:
-                    report.bytes += size if size is not None else 0
-                if not ok and not repair:
-                    report.unresolved += 1
-            return ok
-
-        def remove_manifest(ns: str, k: str) -> None:
-            if repair:
-                self.backend.delete(keys.manifest_path(ns, k))
-                self._forgive(keys.manifest_path(ns, k))
-                report.removed.append(f"manifest {ns}/{k}")
-            else:
-                report.unresolved += 1
-
-        for ns, k in targets:
-            raw = bucket.get(keys.manifest_path(ns, k))
-            if raw is None:
-                report.bad.append(f"manifest {ns}/{k}: missing")
-                report.unresolved += 1
-                continue
-            try:
-                manifest = self._parse_manifest(raw, ns, k)
-            except FormatError as exc:
-                report.bad.append(f"manifest {ns}/{k}: {exc}")
-                remove_manifest(ns, k)
-                continue
-            report.manifests += 1
-            if manifest.inline is not None:
-                if self._inline_data(manifest) is None:
-                    report.bad.append(f"manifest {ns}/{k}: inline data corrupt")
-                    remove_manifest(ns, k)
-                continue
-            new = list({ref.digest: ref for ref in manifest.chunks if ref.digest not in usable}.values())
-            for ref, ok in zip(new, self._pool.map(lambda r: check(r.digest, r.size), new)):
-                usable[ref.digest] = ok
-            lost = [ref.digest.hex() for ref in manifest.chunks if not usable[ref.digest]]
-            if lost:
-                if repair:
-                    report.bad.append(f"manifest {ns}/{k}: needs {len(set(lost))} unusable chunk(s)")
-                remove_manifest(ns, k)
-        if key is None and namespace is None:
-            # Whole store: also every chunk object no manifest names.
-            for path, _ in bucket.list(keys.ROOT + "/chunks/"):
-                digest = keys.parse_chunk_path(path)
-                if digest is None or digest in usable:
-                    continue
-                usable[digest] = check(digest, None)
-        if repair:
-            report.unresolved = 0  # every problem was repaired or removed (a failure raises)
-        return report
-
-    def _repair_chunk(self, digest: bytes, size: int | None, problem_of: Callable[[bytes | None, bytes, int | None], str | None]) -> bool:
-        """Upload a chunk again from a valid local-layer copy. False when this node holds none."""
-        if self.local is None:
-            return False
-        path = keys.chunk_path(digest)
-        local_copy = self.local.local_copy(path)
-        if local_copy is None:
-            return False
-        if problem_of(local_copy, digest, size) is not None:
-            self.local.forget(path)
-            return False
-        self._bucket.put(path, local_copy)
-        self._forgive(path)
-        log.warning("castore: chunk %s repaired from this node's local layer", digest.hex())
-        return True
+        """Re-hash every chunk of one key, a namespace or the whole store as the bucket holds them; with repair,
+        mend what can be mended and remove what cannot (castore/maintenance.py)."""
+        return maintenance.verify(self, namespace, key, repair=repair)
 
     def du(self, namespace: str | None = None) -> Usage:
-        usage = Usage()
-        unique: dict[bytes, int] = {}
-        for ns, k, msize in self.list(namespace):
-            try:
-                manifest = self.stat(ns, k)
-            except FormatError:
-                continue
-            if manifest is None:
-                continue
-            usage.manifests += 1
-            usage.logical_bytes += manifest.size
-            usage.stored_bytes += msize
-            if manifest.inline is not None:
-                usage.referenced_bytes += manifest.size
-            for ref in manifest.chunks:
-                if ref.digest not in unique:
-                    unique[ref.digest] = ref.stored_size
-                    usage.referenced_bytes += ref.size
-        usage.chunk_objects = len(unique)
-        usage.stored_bytes += sum(unique.values())
-        return usage
+        """Logical bytes against stored bytes, after dedup and compression (castore/maintenance.py)."""
+        return maintenance.du(self, namespace)
 
 
 def _meta_value(value: object) -> object:
     if value is None or isinstance(value, (str, int, float, bool)):
         return value
     return str(value)
-
-
-def extract_tree(manifest: Manifest, data: bytes | bytearray | memoryview, dest: str | os.PathLike[str]) -> None:
-    """Write a tree manifest's files under dest, each atomically, with a safe mode (format/tree.safe_mode).
-
-    Only regular files and directories, strictly inside dest: every entry is checked, and dest's existing
-    directories are checked for symlinks in the way, before anything is written; directories are then opened
-    relative to their parent with O_NOFOLLOW, so nothing is written or chmod-ed through a symlink.
-    """
-    entries = checked_entries(manifest.files)
-    if sum(e.size for e, _ in entries if e.type == "f") != len(data):
-        raise UnsafeTreeError(f"tree {manifest.namespace}/{manifest.key}: files add up to a size other than the blob's")
-    root = os.fspath(dest)
-    os.makedirs(root, exist_ok=True)
-    _check_dest(root, entries)
-    view = memoryview(data)
-    dirs: dict[tuple[str, ...], int] = {(): os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)}
-
-    def open_dir(parts: tuple[str, ...]) -> int:
-        fd = dirs.get(parts)
-        if fd is None:
-            parent = open_dir(parts[:-1])
-            try:
-                os.mkdir(parts[-1], 0o700, dir_fd=parent)
-            except FileExistsError:
-                pass
-            try:
-                fd = os.open(parts[-1], os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=parent)
-            except OSError as exc:  # ELOOP (a symlink) or ENOTDIR: appeared since the check
-                raise UnsafeTreeError(f"{'/'.join(parts)} in {root} is not a directory: {exc.strerror}") from exc
-            dirs[parts] = fd
-        return fd
-
-    try:
-        dir_modes = []
-        pos = 0
-        for entry, parts in entries:
-            if entry.type == "d":
-                dir_modes.append((open_dir(parts), safe_mode(entry.mode) | 0o700))
-                continue
-            _write_file_at(open_dir(parts[:-1]), parts[-1], view[pos : pos + entry.size], safe_mode(entry.mode))
-            pos += entry.size
-        for fd, mode in dir_modes:
-            os.fchmod(fd, mode)
-    finally:
-        for fd in dirs.values():
-            os.close(fd)
-
-
-def _check_dest(root: str, entries: list[tuple[TreeEntry, tuple[str, ...]]]) -> None:
-    """Before writing: no existing symlink or non-directory where a directory goes, no directory where a file goes."""
-    import stat as stat_
-
-    seen: set[tuple[str, ...]] = set()
-    for entry, parts in entries:
-        dir_parts = parts if entry.type == "d" else parts[:-1]
-        for i in range(1, len(dir_parts) + 1):
-            prefix = dir_parts[:i]
-            if prefix in seen:
-                continue
-            seen.add(prefix)
-            try:
-                st = os.lstat(os.path.join(root, *prefix))  # parents already checked: no symlink followed
-            except FileNotFoundError:
-                break  # created by the restore
-            if not stat_.S_ISDIR(st.st_mode):
-                raise UnsafeTreeError(f"{'/'.join(prefix)} in {root} exists and is not a directory (a symlink?)")
-        if entry.type == "f":
-            try:
-                st = os.lstat(os.path.join(root, *parts))
-            except (FileNotFoundError, NotADirectoryError):
-                continue
-            if stat_.S_ISDIR(st.st_mode):
-                raise UnsafeTreeError(f"{entry.path} in {root} exists and is a directory")
-
-
-def _write_file_at(dir_fd: int, name: str, data: memoryview, mode: int) -> None:
-    """Create name in the directory dir_fd atomically (a temporary file renamed over it, never following a link)."""
-    import secrets
-
-    tmp = f".tmp-{secrets.token_hex(8)}"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=dir_fd)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            os.fchmod(f.fileno(), mode)
-        try:
-            os.replace(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
-        except IsADirectoryError as exc:
-            raise UnsafeTreeError(f"{name} exists and is a directory") from exc
-        tmp = ""
-    finally:
-        if tmp:
-            try:
-                os.unlink(tmp, dir_fd=dir_fd)
-            except FileNotFoundError:
-                pass
