@@ -10,9 +10,10 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 OUT="${1:-${OUT:-/tmp/fleet-gpu}}"; shift || true
 ARGS=("$@"); [ ${#ARGS[@]} -gt 0 ] || ARGS=(--model gpt2 --mode train --device cuda)
 PY="${PYTHON:-python3}"
-# castore from this tree; the carried wheels (.gpu/site, benchmarks/make_gpu_carry.sh) where the image lacks them.
-SITE="$ROOT"; "$PY" -c "import zstandard, pyfastcdc" 2>/dev/null || SITE="$ROOT:$ROOT/.gpu/site"
-export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
+# castore from this tree, and what the caller put on the path (on the GPU machine, `source benchmarks/gpu_env.sh`
+# first: the carried wheels); the offline machine gets the same path and nothing else of this environment.
+SITE="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONPATH="$SITE"
 W="$(mktemp -d)"; mkdir -p "$OUT"
 machine() { mkdir -p "$W/$1"/{inductor,triton,tmp,castore,xdg}; echo "TORCHINDUCTOR_CACHE_DIR=$W/$1/inductor TRITON_CACHE_DIR=$W/$1/triton TMPDIR=$W/$1/tmp CASTORE_CACHE_DIR=$W/$1/castore XDG_CONFIG_HOME=$W/$1/xdg"; }
 cd "$W"
