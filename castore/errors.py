@@ -47,7 +47,15 @@ class CorruptChunkError(FormatError):
 
 
 class BackendError(CastoreError):
-    """The storage backend failed (network, permissions, server error). Never means 'not found'."""
+    """The storage backend failed (network, permissions, server error). Never means 'not found'.
+
+    ``status`` (HTTP) and ``code`` (the S3 error code, e.g. SlowDown, AccessDenied) say what the server answered,
+    where it answered: callers tell throttling and refusals apart by them."""
+
+    def __init__(self, message: str, *, status: int | None = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
 
 
 class BackendUnavailable(BackendError):

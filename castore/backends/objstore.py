@@ -15,6 +15,7 @@ the parent's first request, or started with spawn / exec, is unaffected.
 from __future__ import annotations
 
 import datetime
+import re
 import os
 from collections.abc import Iterator
 from typing import Any
@@ -85,6 +86,17 @@ def _describe(exc: BaseException) -> str:
     return redact(text[:600])
 
 
+_STATUS = re.compile(r"status code: (\d{3})")
+_CODE = re.compile(r"<Code>([^<]{1,100})</Code>")
+
+
+def _answer(text: str) -> tuple[int | None, str | None]:
+    """The HTTP status and S3 error code of the server's answer quoted in an obstore error, where there is one."""
+    status = _STATUS.search(text)
+    code = _CODE.search(text)
+    return (int(status.group(1)) if status else None), (code.group(1) if code else None)
+
+
 def _unreachable(message: str) -> bool:
     if "Server returned non-2xx status code" in message:
         return False
@@ -111,7 +123,10 @@ class ObstoreBackend(Backend):
 
     def _fail(self, op: str, path: str, exc: BaseException) -> BackendError:
         message = f"{self.url}: {op} {path}: {_describe(exc)}"
-        return BackendUnavailable(message) if _unreachable(message) else BackendError(message)
+        if _unreachable(message):
+            return BackendUnavailable(message)
+        status, code = _answer(str(exc))
+        return BackendError(message, status=status, code=code)
 
     # -- the Backend interface -------------------------------------------------------------------------------
     def get(self, path: str) -> bytes | None:
