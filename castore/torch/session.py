@@ -34,6 +34,8 @@ PLAN_LIMIT = 4096  # entries; a plan names what one job compiled, not a whole bu
 # A plan read faster than this came from the local layer or a store next door: there, one lookup after another
 # costs less than a parallel fetch competing with the compile for the CPU (measured in docs/TORCH.md).
 PREFETCH_MIN_ROUND_TRIP = 0.010
+# A queued write: (cache, torch key, bytes, meta[, overwrite]).
+_WriteItem = tuple[str, str, bytes, dict[str, object]] | tuple[str, str, bytes, dict[str, object], bool]
 DEFERRED = "deferred"  # background work that is not an entry of the store (copies into PyTorch's local dirs)
 # A bundle (castore prewarm) whose closure a process brings into the node's local layer at start (castore.bundles).
 BUNDLE_ENV = "CASTORE_BUNDLE"
@@ -155,7 +157,7 @@ class StoreSession:
         self._store_lock = threading.Lock()
         self.stats = SessionStats()
         self._stats_lock = threading.Lock()
-        self._queue: queue.Queue[tuple[str, str, bytes, dict[str, object]] | Callable[[], None] | None] = queue.Queue()
+        self._queue: queue.Queue[_WriteItem | Callable[[], None] | None] = queue.Queue()
         self._writer: threading.Thread | None = None
         self._pending = 0
         self._pending_by_cache: Counter[str] = Counter()  # queued and not yet done, per cache (DEFERRED: other work)
@@ -164,6 +166,7 @@ class StoreSession:
         self._touched: dict[tuple[str, str], None] = {}  # (cache, torch key) read or written, in first-use order
         self._anchor: tuple[str, str] | None = None
         self._plan: set[tuple[str, str]] | None = None  # the stored plan's entries, once read
+        self._plan_stored = False  # the read found a stored plan (else this process may only create one)
         self._prefetcher: threading.Thread | None = None
         self._closed = False
         self._wrote = False  # this process queued an entry (it compiled something)
@@ -359,6 +362,7 @@ class StoreSession:
                 raw = store.get(self.namespace, self.plan_key(anchor))
                 round_trip = time.monotonic() - started
                 entries = decode_plan(raw) if raw is not None else []
+                self._plan_stored = raw is not None
                 self._plan = set(entries)
                 wanted = [castore_key(k) for c, k in entries if (c, k) != anchor]
                 if wanted and round_trip >= PREFETCH_MIN_ROUND_TRIP:
@@ -389,7 +393,11 @@ class StoreSession:
         extra = sorted(known - set(touched)) if self._wrote else []
         merged = list(dict.fromkeys(touched + extra))[:PLAN_LIMIT]
         self._plan = set(merged)
-        self._enqueue(("fetch-plan", self.plan_key(self._anchor), encode_plan(merged), {"artifact": "fetch-plan"}))
+        # Only a process that read the stored plan replaces it. One that found none (or had not read it yet)
+        # creates one if there still is none: many fresh processes of a node starting at once must not each
+        # overwrite the plan the others are reading.
+        replace = self._plan_stored
+        self._enqueue(("fetch-plan", self.plan_key(self._anchor), encode_plan(merged), {"artifact": "fetch-plan"}, replace))
 
     # -- writes (background) ---------------------------------------------------------------------
     def put(self, cache: str, key: str, data: bytes, meta: dict[str, object] | None = None) -> None:
@@ -410,7 +418,7 @@ class StoreSession:
         """Run fn(*args) on the background writer (work that only later processes need). Never raises."""
         self._enqueue(lambda: fn(*args))
 
-    def _enqueue(self, item: tuple[str, str, bytes, dict[str, object]] | Callable[[], None]) -> None:
+    def _enqueue(self, item: _WriteItem | Callable[[], None]) -> None:
         with self._pending_cv:
             self._pending += 1
             self._pending_by_cache[DEFERRED if callable(item) else item[0]] += 1
@@ -446,12 +454,12 @@ class StoreSession:
         except Exception as exc:  # noqa: BLE001 - deferred work is best effort
             log.debug("castore: deferred work failed: %s", exc)
 
-    def _write(self, cache: str, key: str, data: bytes, meta: dict[str, object]) -> None:
+    def _write(self, cache: str, key: str, data: bytes, meta: dict[str, object], overwrite: bool = True) -> None:
         counters = self._counters(cache)
         try:
             if self.available():
                 meta.setdefault("artifact", cache)
-                self.store.put(self.namespace, castore_key(key), data, meta=meta, overwrite=True)
+                self.store.put(self.namespace, castore_key(key), data, meta=meta, overwrite=overwrite)
                 with self._stats_lock:
                     counters.puts += 1
                     counters.bytes_written += len(data)
