@@ -9,7 +9,6 @@ no checksum, no signatures) are still read as legacy entries.
 from __future__ import annotations
 
 import hashlib
-import math
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -75,22 +74,9 @@ def decode_envelope(raw: bytes) -> Envelope:
     """Check a manifest object's size, shape, version and checksum; parse nothing of the body yet."""
     if len(raw) > MAX_MANIFEST_BYTES:
         raise ManifestError(f"manifest is {len(raw)} bytes, over the {MAX_MANIFEST_BYTES} byte limit")
-    try:
-        # The envelope's limits are those of the largest field, the body; a legacy object is re-read below
-        # with the body's own limits.
-        doc = msgpack.unpackb(
-            raw,
-            raw=False,
-            strict_map_key=True,
-            max_bin_len=MAX_MANIFEST_BYTES,
-            max_str_len=1 << 20,
-            max_array_len=MAX_CHUNKS,
-            max_map_len=4096,
-        )
-    except Exception as exc:  # msgpack raises several unrelated types on bad input
-        raise ManifestError(f"manifest is not valid msgpack: {exc}") from exc
-    if not isinstance(doc, dict):
-        raise ManifestError("manifest is not a map")
+    # The envelope's limits are those of the largest field, the body; a legacy object is re-read below with the
+    # body's own limits.
+    doc = _unpack_map(raw, "manifest", max_bin_len=MAX_MANIFEST_BYTES)
     version = doc.get("format")
     if type(version) is not int:  # not a bool, not a float that compares equal
         raise ManifestError(f"manifest has no valid format version: {version!r}")
@@ -121,20 +107,25 @@ def decode_envelope(raw: bytes) -> Envelope:
 
 
 def _unpack_body(raw: bytes) -> dict[str, Any]:
+    return _unpack_map(raw, "manifest body", max_bin_len=MAX_INLINE_BYTES)
+
+
+def _unpack_map(raw: bytes, what: str, *, max_bin_len: int) -> dict[str, Any]:
+    """A msgpack map decoded within the format's limits, or ManifestError (never an allocation past them)."""
     try:
         doc = msgpack.unpackb(
             raw,
             raw=False,
             strict_map_key=True,
-            max_bin_len=MAX_INLINE_BYTES,
+            max_bin_len=max_bin_len,
             max_str_len=1 << 20,
             max_array_len=MAX_CHUNKS,
             max_map_len=4096,
         )
     except Exception as exc:  # msgpack raises several unrelated types on bad input
-        raise ManifestError(f"manifest body is not valid msgpack: {exc}") from exc
+        raise ManifestError(f"{what} is not valid msgpack: {exc}") from exc
     if not isinstance(doc, dict):
-        raise ManifestError("manifest body is not a map")
+        raise ManifestError(f"{what} is not a map")
     return doc
 
 
