@@ -16,7 +16,7 @@ import tempfile
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 from castore.errors import CorruptChunkError, FormatError
 from castore.format import chunking, keys
@@ -32,6 +32,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("castore.store")
 
 ProgressFn = Callable[[int], None]
+_R = TypeVar("_R")
 # One warning per bad chunk per process, naming the entry that needed it (others that share it miss silently).
 BAD_CHUNK = "castore: chunk %s %s; %s (and any entry that shares it) is treated as a miss"
 Sink = Callable[[bytes | memoryview], object]
@@ -238,44 +239,42 @@ class VerifiedReads:
         bucket into the local layer are always verified before it keeps them; others only when strict (the
         caller checks the blob digest). A local copy that fails is dropped and the bucket asked once. BackendError
         propagates."""
-        path = keys.chunk_path(ref.digest)
-        if self._is_bad(path):
-            return None
-        try:
+
+        def read(path: str) -> bytes | memoryview | None:
             if self.local is not None:
                 got = self.local.get_checked(path, lambda obj, from_disk: self._decode(obj, ref, strict or not from_disk))
-                part = None if got is None else got[0]
-            else:
-                obj = self.backend.get(path)
-                part = None if obj is None else self._decode(obj, ref, strict)
-        except FormatError as exc:
-            self._mark_bad(path, corrupt=True, message=BAD_CHUNK, args=(ref.digest.hex(), f"failed verification: {exc}", owner))
-            return None
-        if part is None:
-            self._mark_bad(path, corrupt=False, message=BAD_CHUNK, args=(ref.digest.hex(), f"is missing from {self.url}", owner))
-        return part
+                return None if got is None else got[0]
+            obj = self.backend.get(path)
+            return None if obj is None else self._decode(obj, ref, strict)
+
+        return self._chunk_or_none(ref, owner, read)
 
     def _prefetch_chunk(self, ref: ChunkRef, owner: str) -> bool:
         """Bring one chunk into the local layer, verified; a copy already there is left to the read's check."""
-        assert self.local is not None
-        path = keys.chunk_path(ref.digest)
-        if self._is_bad(path):
-            return False
+        local = self.local
+        assert local is not None
 
         def check(obj: bytes, from_disk: bool) -> bool:
             if not from_disk:
                 codecs.decode_chunk(obj, ref.digest, ref.size)
             return True
 
+        return self._chunk_or_none(ref, owner, lambda path: local.get_checked(path, check)) is not None
+
+    def _chunk_or_none(self, ref: ChunkRef, owner: str, read: Callable[[str], _R | None]) -> _R | None:
+        """read(the chunk's path), or None when the chunk is known bad, fails verification (FormatError) or is
+        missing: the last two remembered and warned about once, naming the entry that needed it."""
+        path = keys.chunk_path(ref.digest)
+        if self._is_bad(path):
+            return None
         try:
-            got = self.local.get_checked(path, check)
+            value = read(path)
         except FormatError as exc:
             self._mark_bad(path, corrupt=True, message=BAD_CHUNK, args=(ref.digest.hex(), f"failed verification: {exc}", owner))
-            return False
-        if got is None:
+            return None
+        if value is None:
             self._mark_bad(path, corrupt=False, message=BAD_CHUNK, args=(ref.digest.hex(), f"is missing from {self.url}", owner))
-            return False
-        return True
+        return value
 
     def _corrupt(self, manifest: Manifest, why: str) -> None:
         self._warn_once(f"entry:{manifest.namespace}/{manifest.key}",
