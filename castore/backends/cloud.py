@@ -16,11 +16,10 @@ from __future__ import annotations
 import os
 import re
 from typing import Any
-from urllib.parse import parse_qs, urlsplit
 
 from castore.backends.base import redact
 from castore.backends.objstore import ObstoreBackend, client_options, retry_config
-from castore.backends.s3 import parse_endpoint
+from castore.backends.s3 import parse_endpoint, split_store_url
 from castore.config import parse_bool
 from castore.errors import ConfigError
 
@@ -47,11 +46,7 @@ class CloudBackend(ObstoreBackend):
     def __init__(self, url: str, *, connect_timeout: float = 2.0, read_timeout: float = 10.0, request_timeout: float = 30.0,
                  max_attempts: int = 4, max_concurrency: int = 16, list_page_size: int = 1000) -> None:  # fmt: skip
         shown = redact(url)
-        try:
-            parts = urlsplit(url)
-            query = parse_qs(parts.query, keep_blank_values=True, strict_parsing=bool(parts.query), max_num_fields=10)
-        except ValueError:
-            raise ConfigError(f"not a store URL: {shown!r}") from None
+        parts, query = split_store_url(url, "not a store URL", max_fields=10)
         scheme = parts.scheme
         if scheme not in _PARAMS or not _NAME.fullmatch(parts.netloc or "") or parts.fragment:
             raise ConfigError(f"not a {scheme}://bucket/prefix URL: {shown!r}")

@@ -27,7 +27,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import parse_qs, urlencode, urlsplit
+from urllib.parse import SplitResult, parse_qs, urlencode, urlsplit
 
 from castore.backends import aws
 from castore.backends.base import redact
@@ -70,6 +70,17 @@ def parse_endpoint(text: str) -> str:
     return f"{parts.scheme}://{netloc}{path}"
 
 
+def split_store_url(url: str, refusal: str, *, max_fields: int) -> tuple[SplitResult, dict[str, list[str]]]:
+    """(the URL's parts, its query parameters), or ConfigError("refusal: URL", password hidden) when the URL or its
+    query cannot be parsed (at most max_fields parameters)."""
+    try:
+        parts = urlsplit(url)
+        query = parse_qs(parts.query, keep_blank_values=True, strict_parsing=bool(parts.query), max_num_fields=max_fields)
+    except ValueError:
+        raise ConfigError(f"{refusal}: {redact(url)!r}") from None
+    return parts, query
+
+
 @dataclass(frozen=True)
 class S3Location:
     """What an s3:// URL says, validated. ``endpoint`` is normalised and carries no user:password."""
@@ -87,11 +98,7 @@ class S3Location:
         if not isinstance(url, str):
             raise ConfigError(f"an s3 URL must be a str, not {type(url).__name__}")
         shown = redact(url)
-        try:
-            parts = urlsplit(url)
-            query = parse_qs(parts.query, keep_blank_values=True, strict_parsing=bool(parts.query), max_num_fields=20)
-        except ValueError:
-            raise ConfigError(f"not an s3://bucket/prefix URL: {shown!r}") from None
+        parts, query = split_store_url(url, "not an s3://bucket/prefix URL", max_fields=20)
         if parts.scheme != "s3" or not parts.netloc or parts.fragment:
             raise ConfigError(f"not an s3://bucket/prefix URL: {shown!r}")
         if not _BUCKET.fullmatch(parts.netloc):
