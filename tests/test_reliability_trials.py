@@ -7,7 +7,6 @@ import logging
 import multiprocessing
 import os
 import random
-import signal
 import stat
 import threading
 import time
@@ -227,7 +226,7 @@ def test_writers_killed_at_random_points_leave_misses_or_right_bytes_and_a_re_pu
         proc.start()
         proc.join(timeout=rnd.uniform(0.0, span))
         if proc.is_alive():
-            os.kill(proc.pid, signal.SIGKILL)
+            proc.kill()  # SIGKILL; a writer that exits between the check and the kill is not an error
             killed += 1
         else:
             finished += 1
