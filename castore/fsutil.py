@@ -6,6 +6,26 @@ import os
 import tempfile
 
 
+def copy_atomic(source: str, path: str) -> None:
+    """Copy a file through a temp file and rename (the kernel copies: no bytes pass through Python)."""
+    import shutil
+
+    directory = os.path.dirname(path) or "."
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-")
+    os.close(fd)
+    try:
+        shutil.copyfile(source, tmp)
+        os.replace(tmp, path)
+        tmp = ""
+    finally:
+        if tmp:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+
+
 def write_atomic(path: str, data: bytes | memoryview, *, if_absent: bool = False, fsync: bool = False) -> bool:
     """Write through a temp file and rename (or link, for if_absent), so readers never see a partial file.
 

@@ -28,7 +28,30 @@ import sys  # noqa: E402
 from typing import Any  # noqa: E402
 
 from castore.bench.counters import THREAD_CPU, count_lines, cpu_seconds, install_autotune_counters, install_ptxas_counter  # noqa: E402
-from castore.bench.models import CPU_MODELS, MODELS, ModelSpecError, build, is_factory, logits  # noqa: E402
+from castore.bench.models import CPU_MODELS, MODELS, ModelSpecError, build_runs, compile_kwargs, is_factory, logits  # noqa: E402
+
+
+def run_once(compiled: Any, net: Any, example: Any, args: argparse.Namespace) -> tuple[Any, list[Any]]:
+    """One inference, or one training step (forward and backward), of the compiled module; returns its output and
+    the tensors the output digest is taken of."""
+    import torch
+
+    inputs = example if isinstance(example, tuple) else (example,)
+    if args.mode == "train":
+        for p in net.parameters():
+            p.grad = None
+        if args.model in ("gpt2", "gpt2-autotune"):
+            out = compiled(example, labels=example)
+            loss = out.loss
+        else:
+            out = compiled(*inputs)
+            loss = logits(out).float().pow(2).mean()
+        loss.backward()
+        grads = [p.grad for p in net.parameters() if p.grad is not None]
+        return out, [logits(out).detach()] + (grads if args.model in CPU_MODELS else grads[:4] + grads[-4:])
+    with torch.no_grad():
+        out = compiled(*inputs)
+    return out, [logits(out)]
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -72,7 +95,7 @@ def main(argv: list[str] | None = None) -> None:
         session = castore.torch.install()
     t_ready = time.time()
     try:
-        net, example = build(args.model, args.mode, args.device, layers=args.layers, batch=args.batch)
+        net, examples = build_runs(args.model, args.mode, args.device, layers=args.layers, batch=args.batch)
     except ModelSpecError as exc:
         parser.error(str(exc))
     if cuda:
@@ -90,24 +113,10 @@ def main(argv: list[str] | None = None) -> None:
         # Coordinate-descent tuning of every Triton kernel: the autotuning a warm start repeats without an autotune
         # cache (pytorch#172819), at a cold cost that fits a benchmark (max-autotune's GEMM search does not).
         torch._inductor.config.coordinate_descent_tuning = True
-        compiled = torch.compile(net)
-    else:
-        compiled = torch.compile(net)
-    inputs = example if isinstance(example, tuple) else (example,)
-    if args.mode == "train":
-        if args.model in ("gpt2", "gpt2-autotune"):
-            out = compiled(example, labels=example)
-            loss = out.loss
-        else:
-            out = compiled(*inputs)
-            loss = logits(out).float().pow(2).mean()
-        loss.backward()
-        grads = [p.grad for p in net.parameters() if p.grad is not None]
-        digest_src = [logits(out).detach()] + (grads if args.model in CPU_MODELS else grads[:4] + grads[-4:])
-    else:
-        with torch.no_grad():
-            out = compiled(*inputs)
-        digest_src = [logits(out)]
+    compiled = torch.compile(net, **compile_kwargs(args.model))
+    # A dynamic-shape model runs over several input lengths: its first output is that of the last one.
+    for example in examples:
+        out, digest_src = run_once(compiled, net, example, args)
     if cuda:
         torch.cuda.synchronize()
     t_first = time.time()

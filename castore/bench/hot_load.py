@@ -54,6 +54,7 @@ from castore.bench.modes import (
     resolve_model_spec,
     run_of,
     split_model_spec,
+    uses_store,
 )
 from castore.bench.report import merge_reports, read_report, summarize, write_raw, write_raw_run, write_report
 
@@ -97,9 +98,11 @@ class HotLoadBench:
     def plain_env(self, root: str) -> dict[str, str]:
         return plain_machine_env(root)
 
-    def castore_env(self, root: str, namespace: str, via_proxy: bool = False) -> dict[str, str]:
+    def castore_env(self, root: str, namespace: str, via_proxy: bool = False, prefix: str = "") -> dict[str, str]:
+        """A fresh machine on the benchmark's bucket; a prefix of its own is an empty store (cold-writer)."""
         endpoint = self.proxy.endpoint if via_proxy else self.sw.endpoint
-        return castore_machine_env(root, f"s3://{self.bucket}?endpoint={endpoint}", namespace, self.sw.env())
+        where = f"{self.bucket}/{prefix}" if prefix else self.bucket
+        return castore_machine_env(root, f"s3://{where}?endpoint={endpoint}", namespace, self.sw.env())
 
     def redis_env(self, root: str) -> dict[str, str]:
         env = self.plain_env(root)
@@ -157,7 +160,7 @@ class HotLoadBench:
             except Exception as exc:  # noqa: BLE001 - recorded, the other modes still run
                 self.sw = None
                 for m in modes:
-                    if m.startswith("castore"):
+                    if uses_store(m):
                         self.unavailable[m] = f"SeaweedFS unavailable: {exc}"
                 self.unavailable["dedup"] = f"SeaweedFS unavailable: {exc}"
         if "redis-remote" in modes:
@@ -229,6 +232,9 @@ class HotLoadBench:
                         self.measure(label, mode, r, args, self.plain_env(cold_root))
                     else:
                         self.failed(label, mode, r, "its cold run failed")
+                elif mode == "cold-writer":
+                    empty = f"writer-{model_slug(label)}-{r}"
+                    self.measure(label, mode, r, args + ["--castore"], self.castore_env(mroot, namespace, prefix=empty))
                 elif mode == "castore-hot":
                     run = self.measure(label, mode, r, args + ["--castore"], self.castore_env(mroot, namespace))
                     if run.ok and local_layer is None:
@@ -392,7 +398,7 @@ def main(argv: list[str] | None = None, results_root: str = DEFAULT_RESULTS_ROOT
         shutil.rmtree(raw_dir)
     bench = HotLoadBench(opts)
     started = bench.started
-    need_s3 = any(m.startswith("castore") for m in modes) or opts.dedup
+    need_s3 = any(uses_store(m) for m in modes) or opts.dedup
     bench.say(f"machine {slug}, device {opts.device}, models {models}, modes {modes}, {opts.repeats} repeats")
     bench.say(f"results go to {opts.out}")
     dedup_result = None

@@ -12,7 +12,20 @@ from typing import Any
 
 CPU_MODELS = ["transformer", "cnn", "mlp"]
 GPU_MODELS = ["gpt2", "gpt2-autotune", "resnet50"]
-MODELS = CPU_MODELS + GPU_MODELS
+# Plain-torch shapes on every device (castore.bench.zoo): dynamic shapes over several lengths, a Llama-style
+# decoder, a vision transformer, and an MLP compiled with max-autotune.
+ZOO_MODELS = ["gpt-dynamic", "llama", "vit", "mlp-autotune"]
+MODELS = CPU_MODELS + GPU_MODELS + ZOO_MODELS
+# torch.compile's arguments per model (the rest compile with the defaults)
+COMPILE_KWARGS: dict[str, dict[str, Any]] = {
+    "gpt-dynamic": {"dynamic": True},
+    "mlp-autotune": {"mode": "max-autotune-no-cudagraphs"},
+}
+
+
+def compile_kwargs(model: str) -> dict[str, Any]:
+    """torch.compile's keyword arguments for a model."""
+    return dict(COMPILE_KWARGS.get(model, {}))
 
 
 class ModelSpecError(ValueError):
@@ -82,16 +95,38 @@ def _build_from_factory(spec: str, device: str):  # noqa: ANN202
 def build(model: str, mode: str, device: str, *, layers: int | None = None, batch: int | None = None):  # noqa: ANN201
     """(module, example input) for a model name; GPU models run in bf16 on CUDA. For a FILE.py:FUNCTION or
     MODULE:FUNCTION model, the example is the tuple of the module's positional inputs."""
+    net, examples = build_runs(model, mode, device, layers=layers, batch=batch)
+    return net, examples[0]
+
+
+def build_runs(model: str, mode: str, device: str, *, layers: int | None = None, batch: int | None = None):  # noqa: ANN201
+    """(module, [example inputs]): the inputs the measured process runs the compiled module on, in order (several
+    for a dynamic-shape model, one for the others)."""
     import torch
     from torch import nn
 
     torch.manual_seed(0)
     dtype = None
+    examples = None
     if is_factory(model):
         net, example = _build_from_factory(model, device)
         net.train(mode == "train")  # eval() for inference
-        return net, example
-    if model == "transformer":
+        return net, [example]
+    if model in ZOO_MODELS:
+        from castore.bench import zoo
+
+        scale = "small" if device == "cpu" else "full"
+        if model == "gpt-dynamic":
+            net, examples = zoo.gpt(scale, layers, batch)
+        elif model == "llama":
+            net, example = zoo.llama(scale, layers, batch)
+        elif model == "vit":
+            net, example = zoo.vit(scale, layers, batch)
+        else:  # mlp-autotune: the mlp below, compiled with max-autotune
+            net = nn.Sequential(*[nn.Sequential(nn.Linear(256, 256), nn.GELU(), nn.LayerNorm(256)) for _ in range(layers or 3)])
+            example = torch.randn(batch or 32, 256)
+        dtype = torch.bfloat16 if device != "cpu" else None
+    elif model == "transformer":
         # Without this, eval + no_grad takes nn.TransformerEncoderLayer's fused fast path: one opaque op, nothing
         # for Inductor to generate, so "inference" would compile no kernel at all.
         if hasattr(torch.backends, "mha"):
@@ -126,16 +161,15 @@ def build(model: str, mode: str, device: str, *, layers: int | None = None, batc
     else:
         raise SystemExit(f"unknown model {model!r}")
     net = net.to(device)
-    example = example.to(device)
+    examples = [x.to(device) for x in (examples or [example])]
     if dtype is not None:
         net = net.to(dtype)
-        if example.is_floating_point():
-            example = example.to(dtype)
+        examples = [x.to(dtype) if x.is_floating_point() else x for x in examples]
     if mode == "train":
         net.train()
     else:
         net.eval()
-    return net, example
+    return net, examples
 
 
 def logits(out: Any) -> Any:

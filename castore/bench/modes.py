@@ -12,11 +12,14 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-MODES = ["cold", "warm-local", "castore-hot", "castore-warm", "castore-hot+rtt", "redis-remote", "megacache"]
-QUICK_MODES = ["cold", "warm-local", "castore-hot"]
+MODES = ["cold", "cold-writer", "warm-local", "castore-hot", "castore-warm", "castore-hot+rtt", "redis-remote", "megacache"]
+QUICK_MODES = ["cold", "cold-writer", "warm-local", "castore-hot"]
 POPULATE_MODES = {"castore": "castore-cold", "redis": "redis-cold"}
-CPU_MODELS = ["transformer:infer", "transformer:train", "cnn:infer", "cnn:train"]
-GPU_MODELS = ["gpt2:infer", "gpt2:train", "resnet50:infer", "gpt2-autotune:infer"]
+# The classic four of each device, then the wider shapes: dynamic shapes over several lengths, a Llama-style
+# training step, a vision transformer, and max-autotune.
+WIDER_MODELS = ["gpt-dynamic:infer", "llama:train", "vit:infer", "mlp-autotune:infer"]
+CPU_MODELS = ["transformer:infer", "transformer:train", "cnn:infer", "cnn:train"] + WIDER_MODELS
+GPU_MODELS = ["gpt2:infer", "gpt2:train", "resnet50:infer", "gpt2-autotune:infer"] + WIDER_MODELS
 DEDUP_VARIANTS = {  # (layers, batch): one model, two depths and two batch sizes
     "cpu": ("transformer", [(2, 4), (4, 4), (2, 8), (4, 8)]),
     "cuda": ("gpt2", [(6, 4), (12, 4), (6, 8), (12, 8)]),
@@ -25,6 +28,7 @@ REDIS_FLAGS = ("TORCHINDUCTOR_FX_GRAPH_REMOTE_CACHE", "TORCHINDUCTOR_AUTOGRAD_RE
 BREAKER_MESSAGE = "compiling without the store"  # castore's log line when its circuit breaker opens
 MODE_DESCRIPTIONS = {  # for --help
     "cold": "no caches anywhere; also saves a MegaCache bundle",
+    "cold-writer": "cold, with castore on and writing into an empty bucket (what the first machine of a fleet pays)",
     "warm-local": "PyTorch's own local caches, filled by the cold run (castore off)",
     "castore-hot": "a fresh machine (empty local dirs, empty castore local layer), the bucket filled",
     "castore-warm": "castore's local layer filled, PyTorch's dirs empty",
@@ -34,6 +38,11 @@ MODE_DESCRIPTIONS = {  # for --help
 }
 
 PHASES = ("infer", "train")
+
+
+def uses_store(mode: str) -> bool:
+    """The mode's processes run with castore on (and need the benchmark's S3 server)."""
+    return mode.startswith("castore") or mode == "cold-writer"
 
 
 def split_model_spec(spec: str) -> tuple[str, str]:

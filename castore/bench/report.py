@@ -12,7 +12,7 @@ import uuid
 from collections.abc import Callable
 from typing import Any
 
-from castore.bench.modes import BREAKER_MESSAGE, MODES, NOT_STARTED, POPULATE_MODES, Run, model_slug, run_of, split_model_spec
+from castore.bench.modes import BREAKER_MESSAGE, MODES, NOT_STARTED, POPULATE_MODES, Run, model_slug, run_of, split_model_spec, uses_store
 
 # -- summary ----------------------------------------------------------------------------------------------------
 def _stats(values: list[float]) -> dict[str, float] | None:
@@ -85,12 +85,15 @@ def summarize(runs: list[Run], models: list[str], modes: list[str]) -> list[dict
                 "megacache_load_s": _median_of(ok, lambda x: x["megacache_load"]["seconds"]),
                 # lookups castore skipped (circuit breaker open after a store error or a get over slow_request)
                 "castore_skipped": _median_of(ok, lambda x: sum(c.get("skipped", 0) for c in x["castore"]["caches"].values())),
-                "castore_breaker_runs": sum(1 for r in ok if r.breaker or BREAKER_MESSAGE in r.stderr_tail) if mode.startswith("castore") else None,
+                "castore_breaker_runs": sum(1 for r in ok if r.breaker or BREAKER_MESSAGE in r.stderr_tail) if uses_store(mode) else None,
                 "populating_run": mode in POPULATE_MODES.values(),
             }
             by_mode[mode] = row
         for row in by_mode.values():
             row["first_output_paired_over_warm_local"] = _paired_ratio(mine, row["mode"], "warm-local")
+            if row["mode"] == "cold-writer":  # the writer's tax: against the plain cold compile of the same repeat
+                row["first_output_paired_over_cold"] = _paired_ratio(mine, row["mode"], "cold")
+                row["compile_paired_over_cold"] = _paired_ratio(mine, row["mode"], "cold", "seconds_compile")
             for ref in ("warm-local", "cold"):
                 base = by_mode.get(ref)
                 for metric in ("first_output_s", "compile_s"):
@@ -103,13 +106,13 @@ def summarize(runs: list[Run], models: list[str], modes: list[str]) -> list[dict
     return rows
 
 
-def _paired_ratio(runs: list[Run], mode: str, ref: str) -> dict[str, float] | None:
+def _paired_ratio(runs: list[Run], mode: str, ref: str, metric: str = "seconds_to_first_output") -> dict[str, float] | None:
     """Median over repeats of mode's time to first output divided by that of ref's process in the same repeat of the
     same call. The processes of one repeat run back to back, so this cancels what the machine drifts between
     repeats and between device calls, which the ratio of medians does not; None without a pair."""
-    base = {(r.call, r.repeat): r.result["seconds_to_first_output"] for r in runs if r.ok and r.mode == ref}
+    base = {(r.call, r.repeat): r.result[metric] for r in runs if r.ok and r.mode == ref}
     ratios = [
-        r.result["seconds_to_first_output"] / base[(r.call, r.repeat)]
+        r.result[metric] / base[(r.call, r.repeat)]
         for r in runs
         if r.ok and r.mode == mode and base.get((r.call, r.repeat), 0) > 0
     ]
@@ -119,6 +122,10 @@ def _paired_ratio(runs: list[Run], mode: str, ref: str) -> dict[str, float] | No
 # -- markdown table and chart ----------------------------------------------------------------------------------------
 def _fmt_paired(v: dict[str, float] | None) -> str:
     return f"{v['median']:.2f}× ({v['n']:g})" if v else "–"
+
+
+def _fmt_paired_pair(first: dict[str, float] | None, compile_: dict[str, float] | None) -> str:
+    return f"{first['median']:.3f}×, {compile_['median']:.3f}× ({first['n']:g})" if first and compile_ else "–"
 
 
 def _fmt_s(s: dict[str, float] | None) -> str:
@@ -160,15 +167,16 @@ def markdown(report: dict[str, Any]) -> str:
         )
         + ", medians (min–max)",
         "",
-        "| model | mode | ok | first output s | compile s | ×warm-local | ×cold | paired ×warm-local (pairs) | FX hits | C++ runs | Triton compiles | autotune calls | store skipped |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| model | mode | ok | first output s | compile s | ×warm-local | ×cold | paired ×warm-local (pairs) | paired ×cold: first output, compile | FX hits | C++ runs | Triton compiles | autotune calls | store skipped |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in report["summary"]:
         name = row["mode"] + (" (populate)" if row["populating_run"] else "")
         lines.append(
             f"| {row['model']} | {name} | {row['ok']}/{row['runs']} | {_fmt_s(row['first_output_s'])} | {_fmt_s(row['compile_s'])} "
             f"| {_fmt_x(row['first_output_over_warm_local'])} | {_fmt_x(row['first_output_over_cold'])} "
-            f"| {_fmt_paired(row.get('first_output_paired_over_warm_local'))} | {_fmt_n(row['fx_hits'])} "
+            f"| {_fmt_paired(row.get('first_output_paired_over_warm_local'))} "
+            f"| {_fmt_paired_pair(row.get('first_output_paired_over_cold'), row.get('compile_paired_over_cold'))} | {_fmt_n(row['fx_hits'])} "
             f"| {_fmt_n(row['compiler_runs'])} | {_fmt_n(row['triton_compiles'])} | {_fmt_n(row['autotune_calls'])} "
             f"| {_fmt_breaker(row)} |"
         )
@@ -188,7 +196,8 @@ def markdown(report: dict[str, Any]) -> str:
         "",
         "×warm-local and ×cold: median time to first output of the mode divided by that of warm-local / cold, same run. "
         "Paired ×warm-local: the median, over the repeats where both ran, of the mode's time divided by that of the "
-        "warm-local process of the same repeat (run back to back, so the machine's drift between repeats cancels). "
+        "warm-local process of the same repeat (run back to back, so the machine's drift between repeats cancels); "
+        "paired ×cold likewise against the cold process of the same repeat (cold-writer: the writer's tax). "
         "FX hits, C++ runs (castore modes), Triton compiles (ptxas runs) and autotune calls (GPU): medians per process. "
         "Store skipped: castore lookups skipped because its circuit breaker was open (a store error, or a get slower than "
         "slow_request), and in how many processes the breaker opened.",

@@ -79,12 +79,8 @@ def _fetch_into(session: StoreSession, cache: str, key: str, target: str) -> boo
 
 
 def _upload(session: StoreSession, cache: str, key: str, path: str) -> None:
-    try:
-        with open(path, "rb") as f:
-            data = f.read()
-    except OSError:
-        return
-    session.put(cache, key, data, meta={"artifact": cache, "filename": os.path.basename(path)})
+    # Read by the background writer, when the compile pauses: a precompiled header is about 150 MB.
+    session.put_file(cache, key, path, meta={"artifact": cache, "filename": os.path.basename(path)})
 
 
 def install(session: StoreSession, patches: Patches) -> None:
@@ -156,10 +152,9 @@ def install(session: StoreSession, patches: Patches) -> None:
                     header, cmd_line, kwargs = pending[path]
                     built = build_pch(header, cmd_line, **kwargs)  # PyTorch's own build (-E, hash, -x c++-header)
                     if os.path.exists(built + ".gch"):
-                        from castore.fsutil import write_atomic
+                        from castore.fsutil import copy_atomic
 
-                        with open(built + ".gch", "rb") as f:
-                            write_atomic(gch, f.read())
+                        copy_atomic(built + ".gch", gch)
                         _upload(session, "cpp-pch", key, gch)
 
             patches.replace(codecache, "_precompile_header", lazy_precompile_header)

@@ -152,6 +152,11 @@ class Patches:
             self._undo.append(restore)
         return original
 
+    def on_undo(self, restore: Callable[[], None]) -> None:
+        """Run restore() in undo() (a change made other than by replace())."""
+        with self._lock:
+            self._undo.append(restore)
+
     def undo(self) -> None:
         for cancel in self._cancel:
             cancel()

@@ -23,6 +23,7 @@ from castore.config import Config
 from castore.errors import BackendUnavailable, CastoreError, InvalidKeyError, is_access_denied
 from castore.format import keys as keyfmt
 from castore.format.codec import sha256
+from castore.torch.compile_activity import WriteGate
 from castore.torch.recording import TouchRecorder
 
 log = logging.getLogger("castore.torch")
@@ -31,14 +32,34 @@ log = logging.getLogger("castore.torch")
 PLAN_ANCHORS = ("aot-autograd", "fx-graph")
 PLAN_FORMAT = 1
 PLAN_LIMIT = 4096  # entries; a plan names what one job compiled, not a whole bucket
-# A plan read faster than this came from the local layer or a store next door: there, one lookup after another
-# costs less than a parallel fetch competing with the compile for the CPU (measured in docs/TORCH.md).
+# A plan read faster than this came from the local layer or a store next door: there, on a machine of few CPUs,
+# one lookup after another costs less than a parallel fetch competing with the compile (docs/TORCH.md). With
+# this many CPUs or more, the plan is fetched in parallel whatever the round trip.
 PREFETCH_MIN_ROUND_TRIP = 0.010
+PREFETCH_ALWAYS_CPUS = 4
+
+
+def usable_cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
 # A queued write: (cache, torch key, bytes, meta[, overwrite]).
-_WriteItem = tuple[str, str, bytes, dict[str, object]] | tuple[str, str, bytes, dict[str, object], bool]
+_WriteItem = tuple[str, str, "bytes | FileData", dict[str, object]] | tuple[str, str, "bytes | FileData", dict[str, object], bool]
 DEFERRED = "deferred"  # background work that is not an entry of the store (copies into PyTorch's local dirs)
 # A bundle (castore prewarm) whose closure a process brings into the node's local layer at start (castore.bundles).
 BUNDLE_ENV = "CASTORE_BUNDLE"
+
+
+@dataclass(frozen=True)
+class FileData:
+    """An entry's bytes as a file, read when the entry is written."""
+
+    path: str
+
+    def read(self) -> bytes:
+        with open(self.path, "rb") as f:
+            return f.read()
 
 
 @dataclass
@@ -64,6 +85,7 @@ class SessionStats:
     prefetched: int = 0  # objects fetched ahead of their lookup, from a fetch plan
     install_seconds: float = 0.0  # castore.torch.install() in this process (hooks, and the torch modules they patch)
     store_open_seconds: float = 0.0  # opening the store (for s3://, the HTTP client and credentials)
+    writes_held_seconds: float = 0.0  # time background writes waited for a compile to pause (compile_activity)
 
     def to_dict(self) -> dict[str, object]:
         return {
@@ -73,6 +95,7 @@ class SessionStats:
             "untrusted": self.untrusted,
             "install_seconds": round(self.install_seconds, 3),
             "store_open_seconds": round(self.store_open_seconds, 3),
+            "writes_held_seconds": round(self.writes_held_seconds, 3),
         }
 
 
@@ -145,6 +168,7 @@ class StoreSession:
         self._read_only = config.read_only  # also set on the first write refused for want of permission
         # A bundle names everything the job needs: it supersedes fetch plans (neither read nor written).
         self._bundled = bool(os.environ.get(BUNDLE_ENV))
+        self.write_gate = WriteGate()  # writes wait while this process compiles (fed by castore.torch.compile_activity)
         self._start_fresh()
         _sessions.add(self)
         atexit.register(self.close)
@@ -155,9 +179,10 @@ class StoreSession:
         would stay held, and an HTTP connection pool must not be shared across a fork."""
         self._store = None
         self._store_lock = threading.Lock()
+        self.write_gate.reset()
         self.stats = SessionStats()
         self._stats_lock = threading.Lock()
-        self._queue: queue.Queue[_WriteItem | Callable[[], None] | None] = queue.Queue()
+        self._queue: queue.Queue[tuple[float, _WriteItem | Callable[[], None]] | None] = queue.Queue()
         self._writer: threading.Thread | None = None
         self._pending = 0
         self._pending_by_cache: Counter[str] = Counter()  # queued and not yet done, per cache (DEFERRED: other work)
@@ -365,7 +390,7 @@ class StoreSession:
                 self._plan_stored = raw is not None
                 self._plan = set(entries)
                 wanted = [castore_key(k) for c, k in entries if (c, k) != anchor]
-                if wanted and round_trip >= PREFETCH_MIN_ROUND_TRIP:
+                if wanted and (round_trip >= PREFETCH_MIN_ROUND_TRIP or usable_cpus() >= PREFETCH_ALWAYS_CPUS):
                     held = store.prefetch(self.namespace, wanted)
                     with self._stats_lock:
                         self.stats.prefetched += held
@@ -400,7 +425,7 @@ class StoreSession:
         self._enqueue(("fetch-plan", self.plan_key(self._anchor), encode_plan(merged), {"artifact": "fetch-plan"}, replace))
 
     # -- writes (background) ---------------------------------------------------------------------
-    def put(self, cache: str, key: str, data: bytes, meta: dict[str, object] | None = None) -> None:
+    def put(self, cache: str, key: str, data: bytes | FileData, meta: dict[str, object] | None = None) -> None:
         """Queue a write; returns at once. Never raises."""
         if self._read_only:
             return
@@ -412,7 +437,12 @@ class StoreSession:
             return
         self._touch(cache, key)
         self._wrote = True
-        self._enqueue((cache, key, bytes(data), dict(meta or {})))
+        self._enqueue((cache, key, data if isinstance(data, FileData) else bytes(data), dict(meta or {})))
+
+    def put_file(self, cache: str, key: str, path: str, meta: dict[str, object] | None = None) -> None:
+        """Queue a write of a file's bytes, read by the background writer (not on the caller's thread). A file
+        gone or unreadable by then is not written. Never raises."""
+        self.put(cache, key, FileData(path), meta)
 
     def defer(self, fn: Callable[..., None], *args: object) -> None:
         """Run fn(*args) on the background writer (work that only later processes need). Never raises."""
@@ -425,15 +455,20 @@ class StoreSession:
         if self._writer is None or not self._writer.is_alive():
             self._writer = threading.Thread(target=self._write_loop, name="castore-writer", daemon=True)
             self._writer.start()
-        self._queue.put(item)
+        self._queue.put((time.monotonic(), item))
 
     def _write_loop(self) -> None:
         while True:
-            item = self._queue.get()
-            if item is None:
+            queued = self._queue.get()
+            if queued is None:
                 return
+            queued_at, item = queued
             cache = DEFERRED if callable(item) else item[0]
             try:
+                if not self._abandoned:
+                    held = self.write_gate.wait(queued_at)  # off the compile's critical path
+                    with self._stats_lock:
+                        self.stats.writes_held_seconds += held
                 if self._abandoned:
                     continue  # counted in close()'s warning
                 if callable(item):
@@ -454,8 +489,14 @@ class StoreSession:
         except Exception as exc:  # noqa: BLE001 - deferred work is best effort
             log.debug("castore: deferred work failed: %s", exc)
 
-    def _write(self, cache: str, key: str, data: bytes, meta: dict[str, object], overwrite: bool = True) -> None:
+    def _write(self, cache: str, key: str, data: bytes | FileData, meta: dict[str, object], overwrite: bool = True) -> None:
         counters = self._counters(cache)
+        if isinstance(data, FileData):
+            try:
+                data = data.read()
+            except OSError as exc:
+                log.debug("castore: %s entry not written, its file is unreadable: %s", cache, exc)
+                return
         try:
             if self.available():
                 meta.setdefault("artifact", cache)
@@ -486,13 +527,17 @@ class StoreSession:
     def flush(self, timeout: float | None = None) -> bool:
         """Wait until queued writes are done; False if ``timeout`` passed first."""
         deadline = None if timeout is None else time.monotonic() + timeout
-        with self._pending_cv:
-            while self._pending:
-                remaining = None if deadline is None else deadline - time.monotonic()
-                if remaining is not None and remaining <= 0:
-                    return False
-                self._pending_cv.wait(remaining)
-        return True
+        self.write_gate.hurry()  # nothing is held for a compile while a flush waits
+        try:
+            with self._pending_cv:
+                while self._pending:
+                    remaining = None if deadline is None else deadline - time.monotonic()
+                    if remaining is not None and remaining <= 0:
+                        return False
+                    self._pending_cv.wait(remaining)
+            return True
+        finally:
+            self.write_gate.relax()
 
     def close(self, timeout: float | None = None) -> None:
         """Write the fetch plan, wait for queued writes (at most ``timeout``, default flush_timeout) and record the
