@@ -1,0 +1,63 @@
+"""One process of the ahead-of-time tests: aot_compile a model through castore, run it, print one JSON line.
+
+    AOT_MODEL=path/to/model.py   (defines make(batch) -> (module, inputs tuple))
+    AOT_BATCH=4                  the example's batch size
+    AOT_FAKE_TORCH=2.99.0        this process's fingerprint claims another torch version
+    AOT_TRAIN=1                  compile and run with grad (a backward pass too)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import sys
+
+import torch
+
+import castore.torch
+from castore.torch import artifacts, fingerprint
+
+
+def main() -> None:
+    if os.environ.get("AOT_FAKE_TORCH"):
+        real = fingerprint.fingerprint
+        fingerprint.fingerprint = lambda: {**real(), "torch": os.environ["AOT_FAKE_TORCH"]}  # type: ignore[assignment]
+    spec = importlib.util.spec_from_file_location("aot_model", os.environ["AOT_MODEL"])
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["aot_model"] = module
+    spec.loader.exec_module(module)
+    torch.manual_seed(0)
+    net, inputs = module.make(int(os.environ.get("AOT_BATCH", "4")))
+    train = os.environ.get("AOT_TRAIN") == "1"
+    castore.torch.install()
+    with torch.set_grad_enabled(train):
+        compiled = castore.torch.aot_compile(net, inputs)
+        out = compiled(*inputs)
+        if train:
+            out.float().pow(2).mean().backward()
+    from torch._dynamo.utils import compilation_time_metrics, counters
+
+    digest = hashlib.sha256(out.detach().float().numpy().round(4).tobytes()).hexdigest()[:16]
+    session = castore.torch.active_session()
+    assert session is not None
+    session.flush(120)
+    print(json.dumps({
+        "source": compiled.source,
+        "reason": compiled.reason,
+        "key": compiled.key,
+        "guards": compiled.guards,
+        "digest": digest,
+        "frames": dict(counters["frames"]),
+        "timed": sorted(compilation_time_metrics),
+        "fxgraph": {k: v for k, v in counters["inductor"].items() if k.startswith("fxgraph")},
+        "compiler_runs": artifacts.compiler_runs,
+        "stats": castore.torch.stats(),
+        "namespace": session.namespace,
+    }), flush=True)
+
+
+if __name__ == "__main__":
+    main()
