@@ -50,8 +50,9 @@ MAX_META_TEXT = 2000
 # What torch's own default guard filter for aot_compile drops besides globals (CheckFunctionManager's list).
 _UNSERIALIZABLE_GUARDS = ("DICT_VERSION", "NN_MODULE", "ID_MATCH", "FUNCTION_MATCH", "CLASS_MATCH", "MODULE_MATCH",
                           "CLOSURE_MATCH", "WEAKREF_ALIVE")  # fmt: skip
-# Fingerprint fields left out of the key: the device index is part of each input's spec instead.
-_FINGERPRINT_SKIP = ("gpu_index",)
+# Fingerprint fields left out of the key: the device index is part of each input's spec instead; the lists of
+# changed settings name what the config hashes cover, and change once a compile has set settings to their defaults.
+_FINGERPRINT_SKIP = ("gpu_index", "inductor_changed", "functorch_changed")
 
 
 class AotUnavailable(Exception):
@@ -241,7 +242,7 @@ def input_specs(args: tuple[Any, ...], kwargs: dict[str, Any], dynamic: bool | N
     from torch.utils import _pytree as pytree
 
     leaves, spec = pytree.tree_flatten((args, kwargs))
-    return f"{spec}\n" + "\n".join(_value_spec(v, dynamic) for v in leaves)
+    return "\n".join([" ".join(str(spec).split()), *(_value_spec(v, dynamic) for v in leaves)])
 
 
 def parameter_specs(target: Any) -> str:

@@ -4,6 +4,7 @@
     AOT_BATCH=4                  the example's batch size
     AOT_FAKE_TORCH=2.99.0        this process's fingerprint claims another torch version
     AOT_TRAIN=1                  compile and run with grad (a backward pass too)
+    AOT_TWICE=1                  after the first, flush and aot_compile again (what a second process would find)
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ def main() -> None:
     if os.environ.get("AOT_FAKE_TORCH"):
         real = fingerprint.fingerprint
         fingerprint.fingerprint = lambda: {**real(), "torch": os.environ["AOT_FAKE_TORCH"]}  # type: ignore[assignment]
+    sys.path.insert(0, os.path.dirname(os.path.abspath(os.environ["AOT_MODEL"])))  # the model's neighbours
     spec = importlib.util.spec_from_file_location("aot_model", os.environ["AOT_MODEL"])
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
@@ -34,13 +36,25 @@ def main() -> None:
     train = os.environ.get("AOT_TRAIN") == "1"
     castore.torch.install()
     with torch.set_grad_enabled(train):
+        expected = net(*inputs).detach()  # eager
         compiled = castore.torch.aot_compile(net, inputs)
         out = compiled(*inputs)
         if train:
             out.float().pow(2).mean().backward()
+    grads = [p.grad for p in net.parameters() if p.grad is not None]
+    second = None
+    if os.environ.get("AOT_TWICE") == "1":
+        session = castore.torch.active_session()
+        assert session is not None
+        session.flush(120)
+        with torch.set_grad_enabled(train):
+            again = castore.torch.aot_compile(net, inputs)
+        second = {"source": again.source, "reason": again.reason}
     from torch._dynamo.utils import compilation_time_metrics, counters
 
-    digest = hashlib.sha256(out.detach().float().numpy().round(4).tobytes()).hexdigest()[:16]
+    h = hashlib.sha256()
+    for t in [out.detach(), *grads]:
+        h.update(t.float().numpy().round(4).tobytes())
     session = castore.torch.active_session()
     assert session is not None
     session.flush(120)
@@ -49,7 +63,10 @@ def main() -> None:
         "reason": compiled.reason,
         "key": compiled.key,
         "guards": compiled.guards,
-        "digest": digest,
+        "digest": h.hexdigest()[:16],
+        "max_abs_diff": float((out.detach() - expected).abs().max()),
+        "grads": len(grads),
+        "second": second,
         "frames": dict(counters["frames"]),
         "timed": sorted(compilation_time_metrics),
         "fxgraph": {k: v for k, v in counters["inductor"].items() if k.startswith("fxgraph")},
