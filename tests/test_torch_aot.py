@@ -138,6 +138,24 @@ def test_a_fresh_machine_loads_the_stored_function_and_compiles_nothing(publishe
     assert dropped.get("MODULE_MATCH"), dropped  # the globals' guards: objects of the writer's process
 
 
+def test_the_loaded_function_reads_this_processs_parameters(published: dict[str, Any], tmp_path: Path) -> None:
+    """Weights are inputs of the compiled graph, not constants of the artifact: a checkpoint loaded after the
+    writer compiled is what the loaded function computes with."""
+    result, _, _ = run_worker(fleet(published, tmp_path, AOT_SCALE_WEIGHTS="1.5"))
+    assert result["source"] == "store" and result["key"] == published["result"]["key"], result
+    assert result["max_abs_diff"] < 1e-5 and result["digest"] != published["result"]["digest"], result
+
+
+def test_a_module_with_hooks_is_compiled_through_its_call(tmp_path: Path) -> None:
+    """A forward pre-hook runs in the compiled function, stored and loaded alike."""
+    model = write_model(tmp_path / "src")
+    env = machine(tmp_path / "m", CASTORE_URL=f"file://{tmp_path / 'store'}", AOT_MODEL=str(model), AOT_HOOK="1",
+                  AOT_TWICE="1")  # fmt: skip
+    result, _, _ = run_worker(env)
+    assert result["source"] == "compiled" and result["max_abs_diff"] < 1e-5, result
+    assert result["second"]["source"] == "store" and result["second"]["max_abs_diff"] < 1e-5, result["second"]
+
+
 def test_a_changed_forward_misses(published: dict[str, Any], tmp_path: Path) -> None:
     changed = MODEL.replace("y = torch.relu(self.fc(x))", "y = torch.sigmoid(self.fc(x))")
     assert changed != MODEL

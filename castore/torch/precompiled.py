@@ -265,11 +265,12 @@ def _stable(value: Any) -> str:
     return repr(value)
 
 
-def global_state(dynamic: bool | None, options: dict[str, Any] | None) -> str:
-    """What Dynamo's global-state guard checks and the compile settings."""
+def global_state(dynamic: bool | None, options: dict[str, Any] | None, entry: str = "") -> str:
+    """What Dynamo's global-state guard checks, the compile settings and how the target is entered (AotPlan)."""
     import torch
 
     state = {
+        "entry": entry,
         "grad": torch.is_grad_enabled(),
         "inference_mode": torch.is_inference_mode_enabled(),
         "deterministic": torch.are_deterministic_algorithms_enabled(),
@@ -302,7 +303,7 @@ def compute_key(target: Any, args: tuple[Any, ...], kwargs: dict[str, Any], *, d
         "code": code,
         "inputs": inputs,
         "parameters": parameter_specs(target),
-        "settings": global_state(dynamic, options),
+        "settings": global_state(dynamic, options, plan_for(target).entry),
         "environment": environment(),
     }
     digests = {name: _digest(text)[:16] for name, text in components.items()}
@@ -420,16 +421,49 @@ def _unserializable_guard_types() -> tuple[str, ...]:
 
 
 # -- compiling, saving, loading -----------------------------------------------------------------------------------
-def _aot_target(target: Any) -> tuple[Any, dict[str, Any]]:
-    """(what torch.compile wraps, the external data its serialized form refers to): a module is compiled through
-    its __call__ (hooks included) and is the artifact's one external object, passed again at load."""
+@dataclass
+class AotPlan:
+    """How a target is compiled ahead of time: the function torch.compile wraps, the module passed as its first
+    argument at each call (PyTorch's compiled function of a method takes ``self`` explicitly), and the objects
+    its serialized form refers to without holding them (passed again at load)."""
+
+    fn: Any
+    self_arg: Any = None
+    external: dict[str, Any] = field(default_factory=dict)
+    entry: str = "function"  # "forward" (the module's forward, unbound), "__call__" (hooks included), "function"
+
+
+def _has_hooks(module: Any) -> bool:
+    from torch.nn.modules import module as module_module
+
+    own = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+    shared = ("_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks", "_global_backward_pre_hooks")
+    return any(getattr(module, name, None) for name in own) or any(getattr(module_module, n, None) for n in shared)
+
+
+def plan_for(target: Any) -> AotPlan:
+    """A module without hooks is compiled through its class's forward with the module as an argument: the artifact
+    refers to no module, and each call reads this process's parameters (every torch with aot_compile serializes
+    that alike). A module with hooks is compiled through its __call__, which refers to the module: only where
+    PyTorch can keep it out of the artifact (``external_data``, torch 2.13) instead of pickling it, weights and
+    all."""
     import torch
 
-    if isinstance(target, torch.nn.Module):
-        return target, {"model": target}
     if inspect.ismethod(target) and isinstance(target.__self__, torch.nn.Module):
-        return target, {"model": target.__self__}
-    return target, {}
+        return AotPlan(target.__func__, target.__self__, entry="method")
+    if not isinstance(target, torch.nn.Module):
+        return AotPlan(target)
+    forward = vars(target).get("forward")
+    if forward is None and not _has_hooks(target):
+        return AotPlan(type(target).forward, target, entry="forward")
+    return AotPlan(target, target, {"model": target}, entry="__call__")
+
+
+def _takes(fn: Any, name: str) -> bool:
+    try:
+        return name in inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
 
 
 def compile_ahead(target: Any, args: tuple[Any, ...], kwargs: dict[str, Any], *, dynamic: bool | None,
@@ -438,30 +472,38 @@ def compile_ahead(target: Any, args: tuple[Any, ...], kwargs: dict[str, Any], *,
     and whatever torch raises for a target it cannot compile or serialize."""
     import torch
 
+    plan = plan_for(target)
+    serializer = _serializer()
+    if plan.external and (serializer is None or not _takes(serializer, "external_data")):
+        raise AotUnavailable(f"torch {torch.__version__} would pickle the module into the artifact (a module with hooks "
+                             "needs torch.compile's external_data)")  # fmt: skip
     opts = dict(options or {})
     opts["guard_filter_fn"] = guards.filter(opts.pop("guard_filter_fn", None))
-    wrapped, external = _aot_target(target)
     config = torch._dynamo.config
     patch = config.patch(enable_aot_compile=True) if hasattr(config, "enable_aot_compile") else _nullcontext()
     with patch:
-        compiled_obj = torch.compile(wrapped, fullgraph=True, dynamic=dynamic, options=opts)
-        entry = compiled_obj.forward if isinstance(wrapped, torch.nn.Module) else compiled_obj
+        compiled_obj = torch.compile(plan.fn, fullgraph=True, dynamic=dynamic, options=opts)
+        entry = compiled_obj.forward if isinstance(plan.fn, torch.nn.Module) else compiled_obj
         aot = getattr(entry, "aot_compile", None)
         if aot is None:
             raise AotUnavailable(f"torch {torch.__version__} has no torch.compile(...).aot_compile")
-        compiled = aot((tuple(args), dict(kwargs)))
+        call_args = tuple(args) if plan.self_arg is None or plan.entry == "__call__" else (plan.self_arg, *args)
+        compiled = aot((call_args, dict(kwargs)))
     serialize = getattr(type(compiled), "serialize", None)
-    if serialize is not None:
-        payload = serialize(compiled, external or None).serialized_data
-    else:  # an older AOTCompiledFunction: through a file
-        import tempfile
+    if serialize is None:
+        raise AotUnavailable(f"torch {torch.__version__}'s compiled function has no serialize()")
+    result = serialize(compiled, plan.external or None) if _takes(serialize, "external_data") else serialize(compiled)
+    payload = result if isinstance(result, (bytes, bytearray)) else result.serialized_data
+    return compiled, bytes(payload)
 
-        with tempfile.TemporaryDirectory(prefix="castore-aot-") as directory:
-            path = os.path.join(directory, "fn.bin")
-            compiled.save_compiled_function(path, **({"external_data": external} if external else {}))
-            with open(path, "rb") as f:
-                payload = f.read()
-    return compiled, payload
+
+def _serializer() -> Any:
+    try:
+        from torch._dynamo.aot_compile import AOTCompiledFunction
+
+        return AOTCompiledFunction.serialize
+    except Exception:  # noqa: BLE001 - checked again on the compiled function's own type
+        return None
 
 
 def load_payload(target: Any, payload: bytes) -> Any:
@@ -469,11 +511,11 @@ def load_payload(target: Any, payload: bytes) -> Any:
     Inductor loads, which castore serves from the store)."""
     import torch
 
-    _, external = _aot_target(target)
+    plan = plan_for(target)
     load = getattr(torch.compiler, "load_compiled_function", None)
     if load is None:
         raise AotUnavailable(f"torch {torch.__version__} has no torch.compiler.load_compiled_function")
-    return load(io.BytesIO(payload), **({"external_data": external} if external else {}))
+    return load(io.BytesIO(payload), **({"external_data": plan.external} if plan.external else {}))
 
 
 class _nullcontext:
@@ -514,7 +556,7 @@ class PrecompiledFunction:
         self._fallback: Any = None
         self._fallback_lock = threading.Lock()
         self._checks_guards = False
-        self._self_arg = _aot_target(target)[1].get("model")
+        self._self_arg = plan_for(target).self_arg
         if compiled is not None and hasattr(compiled, "guard_check") and hasattr(compiled, "disable_guard_check"):
             compiled.disable_guard_check()  # checked here instead, to run torch.compile on a mismatch
             self._checks_guards = True

@@ -5,6 +5,8 @@
     AOT_FAKE_TORCH=2.99.0        this process's fingerprint claims another torch version
     AOT_TRAIN=1                  compile and run with grad (a backward pass too)
     AOT_TWICE=1                  after the first, flush and aot_compile again (what a second process would find)
+    AOT_HOOK=1                   a forward pre-hook on the module (halves its input)
+    AOT_SCALE_WEIGHTS=1.5        this process's weights differ from the writer's (a checkpoint loaded)
 """
 
 from __future__ import annotations
@@ -34,6 +36,12 @@ def main() -> None:
     torch.manual_seed(0)
     net, inputs = module.make(int(os.environ.get("AOT_BATCH", "4")))
     train = os.environ.get("AOT_TRAIN") == "1"
+    if os.environ.get("AOT_HOOK") == "1":
+        net.register_forward_pre_hook(lambda _module, args: tuple(a * 0.5 for a in args))
+    if os.environ.get("AOT_SCALE_WEIGHTS"):
+        with torch.no_grad():
+            for p in net.parameters():
+                p.mul_(float(os.environ["AOT_SCALE_WEIGHTS"]))
     castore.torch.install()
     with torch.set_grad_enabled(train):
         expected = net(*inputs).detach()  # eager
@@ -49,7 +57,8 @@ def main() -> None:
         session.flush(120)
         with torch.set_grad_enabled(train):
             again = castore.torch.aot_compile(net, inputs)
-        second = {"source": again.source, "reason": again.reason}
+            twice = again(*inputs).detach()
+        second = {"source": again.source, "reason": again.reason, "max_abs_diff": float((twice - expected).abs().max())}
     from torch._dynamo.utils import compilation_time_metrics, counters
 
     h = hashlib.sha256()
