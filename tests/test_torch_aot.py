@@ -265,3 +265,105 @@ def test_prewarm_and_pull_carry_a_training_steps_function(seaweedfs: Any, tmp_pa
     assert warm["source"] == "store", (warm, stderr[-3000:])
     assert warm["digest"] == cold["digest"] and warm["grads"] == 2, (warm, cold)  # outputs and gradients
     assert not compiled_nothing(warm), compiled_nothing(warm)
+
+
+# -- the key and the value, in this process (no compile) -------------------------------------------------------------
+@pytest.mark.torch
+class TestKeyAndValue:
+    """Fast checks of what the key covers and of the value's header; the processes above prove the behaviour."""
+
+    def _key(self, target: Any, *args: Any, **kw: Any) -> Any:
+        from castore.torch.precompiled import compute_key
+
+        return compute_key(target, args, {}, **kw)
+
+    def test_each_component_changes_only_its_own_digest(self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        import importlib.util
+
+        import torch
+
+        model = write_model(tmp_path / "src")
+        monkeypatch.syspath_prepend(str(model.parent))
+        spec = importlib.util.spec_from_file_location("aot_key_model", model)
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        monkeypatch.setitem(sys.modules, "aot_key_model", module)  # where inspect finds a class's file
+        spec.loader.exec_module(module)
+        net, (x,) = module.make(4)
+        base = self._key(net, x)
+        assert base.key.startswith("aot.") and base.key == self._key(net, x).key  # stable
+        differing = {
+            "inputs": self._key(net, torch.randn(8, 16)),
+            "parameters": self._key(net.double(), x.double()),
+            "settings": self._key(net.float(), x, dynamic=True),
+        }
+        with torch.no_grad():
+            differing["settings-grad"] = self._key(net, x)
+        for name, other in differing.items():
+            component = name.split("-")[0]
+            assert other.key != base.key, name
+            assert other.components[component] != base.components[component], name
+        assert differing["parameters"].components["inputs"] != base.components["inputs"]  # float64 input too
+        assert differing["settings"].components["code"] == base.components["code"]
+
+        (tmp_path / "src" / "model.py").write_text(MODEL.replace("torch.relu", "torch.tanh"))
+        from castore.torch import precompiled
+
+        precompiled._file_digest.cache_clear()
+        changed = self._key(net, x)
+        assert changed.components["code"] != base.components["code"] and changed.key != base.key
+
+    def test_dynamic_dimensions_are_keyed_by_their_rank_not_their_size(self) -> None:
+        import torch
+
+        from castore.torch.precompiled import input_specs
+
+        a, b = torch.randn(4, 16), torch.randn(8, 16)
+        assert input_specs((a,), {}, True) == input_specs((b,), {}, True)
+        assert input_specs((a,), {}, None) != input_specs((b,), {}, None)
+        assert input_specs((torch.randn(1, 16),), {}, True) != input_specs((a,), {}, True)  # 1 is specialized
+        marked = torch.randn(4, 16)
+        torch._dynamo.mark_dynamic(marked, 0)
+        assert "s,16" in input_specs((marked,), {}, None) and "dynamic[0]" in input_specs((marked,), {}, None)
+
+    def test_the_fingerprints_torch_version_is_part_of_the_key(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        from castore.torch import fingerprint
+
+        fn = torch_function
+        base = self._key(fn, 1.0)
+        real = fingerprint.fingerprint
+        monkeypatch.setattr(fingerprint, "fingerprint", lambda: {**real(), "torch": "2.99.0"})
+        other = self._key(fn, 1.0)
+        assert other.components["environment"] != base.components["environment"] and other.key != base.key
+        assert other.components["code"] == base.components["code"]
+
+    def test_a_value_of_another_format_or_cut_short_is_refused(self) -> None:
+        from castore.torch.precompiled import MAGIC, decode_value, encode_value
+
+        value = encode_value({"target": "t", "sources": []}, b"payload")
+        header, payload = decode_value(value)
+        assert header["target"] == "t" and header["v"] == 1 and payload == b"payload"
+        for bad in (b"", b"pickle data", value[: len(MAGIC) + 6], value.replace(b'"v":1', b'"v":2'), MAGIC + b"\xff\xff\xff\xff"):
+            with pytest.raises(ValueError):
+                decode_value(bad)
+
+    def test_a_traced_function_changed_since_the_artifact_was_written_is_found(self, tmp_path: Path,
+                                                                               monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+        import importlib
+        import linecache
+
+        from castore.torch.precompiled import _digest, stale_source
+
+        (tmp_path / "aot_stale_helper.py").write_text(HELPER)
+        monkeypatch.syspath_prepend(str(tmp_path))
+        importlib.import_module("aot_stale_helper")
+        recorded = [["aot_stale_helper", 1, 3, _digest(HELPER)]]
+        assert stale_source(recorded) is None
+        (tmp_path / "aot_stale_helper.py").write_text(HELPER.replace("y * 2", "y * 3"))
+        linecache.checkcache()
+        assert stale_source(recorded) == "aot_stale_helper lines 1-3 changed"
+        assert stale_source([["no_such_module_anywhere", 1, 2, "0"]]) is not None
+
+
+def torch_function(x: float) -> float:
+    return x * 2
