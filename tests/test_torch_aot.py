@@ -367,3 +367,23 @@ class TestKeyAndValue:
 
 def torch_function(x: float) -> float:
     return x * 2
+
+
+@pytest.mark.torch
+def test_closure_values_and_module_attributes_are_part_of_the_key() -> None:
+    import torch
+
+    from castore.torch.precompiled import compute_key
+
+    def make(scale: float) -> Any:
+        def fn(x: Any) -> Any:
+            return x * scale
+
+        return fn
+
+    x = torch.randn(2)
+    assert compute_key(make(2.0), (x,), {}).key == compute_key(make(2.0), (x,), {}).key
+    assert compute_key(make(2.0), (x,), {}).key != compute_key(make(3.0), (x,), {}).key
+    a, b = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)
+    b.scale = 3.0  # type: ignore[assignment]
+    assert compute_key(a, (x,), {}).components["parameters"] != compute_key(b, (x,), {}).components["parameters"]

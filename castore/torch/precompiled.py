@@ -192,13 +192,27 @@ def code_identity(target: Any) -> tuple[str, str]:
         module = getattr(fn, "__module__", None) or ""
         name = f"{module}.{getattr(fn, '__qualname__', type(fn).__qualname__)}"
         names.append(name)
-        parts.append(f"function {name}: {_code_of(fn)}")
+        parts.append(f"function {name}: {_code_of(fn)} {_bound_values(fn)}")
         if module and not _is_torch(module):
             packages.add(module.split(".", 1)[0])
     versions = sorted(v for v in (_package_version(p) for p in packages if p not in ("__main__",)) if v)
     parts.append("packages " + " ".join(versions))
     shown = ", ".join(names[:8]) + (f" and {len(names) - 8} more" if len(names) > 8 else "")
     return "\n".join(parts), shown + (f"; {', '.join(versions)}" if versions else "")
+
+
+def _bound_values(fn: Any) -> str:
+    """A function's closure cells and default values: Dynamo bakes them into the graph (their guards are among
+    those dropped), so a function made with other values is another key."""
+    cells = []
+    for cell in getattr(fn, "__closure__", None) or ():
+        try:
+            cells.append(_value_spec(cell.cell_contents, None))
+        except ValueError:  # an empty cell
+            cells.append("<empty>")
+    defaults = [_value_spec(v, None) for v in getattr(fn, "__defaults__", None) or ()]
+    kwdefaults = [f"{k}={_value_spec(v, None)}" for k, v in sorted((getattr(fn, "__kwdefaults__", None) or {}).items())]
+    return f"closure({'; '.join(cells)}) defaults({'; '.join(defaults + kwdefaults)})"
 
 
 def _dynamic_dims(t: Any) -> set[int]:
@@ -254,6 +268,11 @@ def parameter_specs(target: Any) -> str:
     lines = [f"param {n} {_tensor_spec(p, False)}" for n, p in module.named_parameters(remove_duplicate=False)]
     lines += [f"buffer {n} {_tensor_spec(b, False)}" for n, b in module.named_buffers(remove_duplicate=False)]
     lines.append("training " + "".join("1" if m.training else "0" for m in module.modules()))
+    for prefix, m in module.named_modules(remove_duplicate=False):
+        # Plain attributes the forward may read (a scale, a flag): Dynamo guards on them as constants.
+        for attr, value in sorted(vars(m).items()):
+            if not attr.startswith("_") and attr != "training" and (value is None or isinstance(value, (bool, int, float, str))):
+                lines.append(f"attr {prefix}.{attr} {value!r}")
     return "\n".join(lines)
 
 
@@ -665,7 +684,7 @@ def aot_compile(target: Any, example_args: tuple[Any, ...] | Any = (), example_k
         compiled, payload = compile_ahead(target, args, kwargs, dynamic=dynamic, options=options, guards=guards)
     except Exception as exc:  # noqa: BLE001 - graph breaks, unserializable guards or objects, a torch without it
         reason = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"[:500]
-        if session is not None and not isinstance(exc, AotUnavailable):
+        if session is not None and not isinstance(exc, AotUnavailable) and not _transient(exc):
             header = {"target": name, "unserializable": reason}
             session.put(CACHE, key.key, encode_value(header, b""), meta=_manifest_meta(key, target, header))
         return fallback(key, reason)
@@ -674,6 +693,11 @@ def aot_compile(target: Any, example_args: tuple[Any, ...] | Any = (), example_k
         session.put(CACHE, key.key, encode_value(header, payload), meta=_manifest_meta(key, target, header))
     return PrecompiledFunction(target, key, "compiled", compiled, guards=header["guards"], dynamic=dynamic,
                                options=options, seconds=time.monotonic() - started)  # fmt: skip
+
+
+def _transient(exc: BaseException) -> bool:
+    """A failure that says nothing about the target (memory, the file system): not recorded as unserializable."""
+    return isinstance(exc, (MemoryError, OSError, TimeoutError)) or "out of memory" in str(exc).lower()
 
 
 def _load_stored(target: Any, key: AotKey, data: bytes, name: str) -> tuple[Any, dict[str, Any]] | str | None:
