@@ -648,8 +648,8 @@ def aot_compile(target: Any, example_args: tuple[Any, ...] | Any = (), example_k
                 dynamic: bool | None = None, options: dict[str, Any] | None = None) -> PrecompiledFunction:  # fmt: skip
     """Load ``target``'s ahead-of-time compiled function from the store, or compile it, publish it and return it.
 
-    ``target`` is an ``nn.Module`` (compiled through its ``__call__``; call the result with the forward's
-    arguments) or a function. ``example_args`` / ``example_kwargs`` are the inputs it will be called with:
+    ``target`` is an ``nn.Module`` (call the result with the forward's arguments; see :func:`plan_for`), a
+    module's method, or a function. ``example_args`` / ``example_kwargs`` are the inputs it will be called with:
     shapes, dtypes and devices are part of the key, and so are the grad mode and autocast state of the caller
     (compile under ``torch.no_grad()`` what you will run under it). ``dynamic`` and ``options`` are
     ``torch.compile``'s. Never raises for store problems; where the target cannot be compiled ahead of time,
@@ -686,11 +686,18 @@ def aot_compile(target: Any, example_args: tuple[Any, ...] | Any = (), example_k
         reason = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"[:500]
         if session is not None and not isinstance(exc, AotUnavailable) and not _transient(exc):
             header = {"target": name, "unserializable": reason}
-            session.put(CACHE, key.key, encode_value(header, b""), meta=_manifest_meta(key, target, header))
+            try:
+                session.put(CACHE, key.key, encode_value(header, b""), meta=_manifest_meta(key, target, header))
+            except Exception as put_exc:  # noqa: BLE001 - only an optimisation for the next machine
+                log.debug("castore: %s: not recording the fallback: %r", name, put_exc)
         return fallback(key, reason)
-    header = {"target": name, "guards": guards.to_header(), "sources": traced_sources(compiled)}
+    header: dict[str, Any] = {"target": name, "guards": guards.to_header()}
     if session is not None:
-        session.put(CACHE, key.key, encode_value(header, payload), meta=_manifest_meta(key, target, header))
+        try:
+            header["sources"] = traced_sources(compiled)  # without them no reader could tell the artifact is stale
+            session.put(CACHE, key.key, encode_value(header, payload), meta=_manifest_meta(key, target, header))
+        except Exception as exc:  # noqa: BLE001 - the compiled function is returned all the same
+            log.warning("castore: %s: ahead-of-time function not published: %s: %s", name, type(exc).__name__, exc)
     return PrecompiledFunction(target, key, "compiled", compiled, guards=header["guards"], dynamic=dynamic,
                                options=options, seconds=time.monotonic() - started)  # fmt: skip
 
