@@ -65,6 +65,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--mode", default="train", choices=["train", "infer"])
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--castore", action="store_true", help="serve the caches from castore (castore.torch.install())")
+    parser.add_argument("--aot", action="store_true", help="compile through castore.torch.aot_compile (the stored "
+                        "ahead-of-time function, or compile and publish it) instead of torch.compile; implies --castore")
     parser.add_argument("--layers", type=int, default=None, help="number of layers (transformer, mlp, gpt2)")
     parser.add_argument("--batch", type=int, default=None, help="batch size of the example input")
     parser.add_argument("--save-megacache", metavar="PATH", help="after the first output, write torch.compiler.save_cache_artifacts() here")
@@ -76,6 +78,7 @@ def main(argv: list[str] | None = None) -> None:
         "the teardown of CUDA and of the compile workers can take seconds, after the measurement)",
     )
     args = parser.parse_args(argv)
+    args.castore = args.castore or args.aot
     if args.model not in MODELS and not is_factory(args.model):
         parser.error(f"--model {args.model!r}: one of {', '.join(MODELS)}, or FILE.py:FUNCTION / MODULE:FUNCTION")
     sys.path[:0] = args.sys_path
@@ -113,7 +116,11 @@ def main(argv: list[str] | None = None) -> None:
         # Coordinate-descent tuning of every Triton kernel: the autotuning a warm start repeats without an autotune
         # cache (pytorch#172819), at a cold cost that fits a benchmark (max-autotune's GEMM search does not).
         torch._inductor.config.coordinate_descent_tuning = True
-    compiled = torch.compile(net, **compile_kwargs(args.model))
+    aot_info = None
+    if args.aot:  # timed as torch.compile is: the lookup, load or compile happen before the first output
+        compiled, aot_info = _aot_compile(net, examples[0], args)
+    else:
+        compiled = torch.compile(net, **compile_kwargs(args.model))
     # A dynamic-shape model runs over several input lengths: its first output is that of the last one.
     for example in examples:
         out, digest_src = run_once(compiled, net, example, args)
@@ -160,6 +167,8 @@ def main(argv: list[str] | None = None) -> None:
         result["autotune_calls_total"] = sum(autotune_counts.values())
     if megacache_load is not None:
         result["megacache_load"] = megacache_load
+    if aot_info is not None:
+        result["aot"] = aot_info
     if args.save_megacache:
         saved = torch.compiler.save_cache_artifacts()
         if saved is not None:
@@ -185,6 +194,26 @@ def main(argv: list[str] | None = None) -> None:
             session.close()  # the fetch plan and any write still queued, as at a normal exit
         sys.stderr.flush()
         os._exit(0)
+
+
+def _aot_compile(net: Any, example: Any, args: argparse.Namespace) -> tuple[Any, dict[str, Any]]:
+    """castore.torch.aot_compile with the inputs, grad mode and torch.compile arguments of the calls that follow."""
+    import torch
+
+    import castore.torch
+
+    inputs = example if isinstance(example, tuple) else (example,)
+    kwargs = {"labels": example} if args.mode == "train" and args.model in ("gpt2", "gpt2-autotune") else {}
+    compile_args = compile_kwargs(args.model)
+    options = None
+    if "mode" in compile_args:  # torch.compile's mode= is a set of Inductor options
+        from torch._inductor import list_mode_options
+
+        options = list_mode_options(compile_args["mode"])
+    with torch.set_grad_enabled(args.mode == "train"):
+        fn = castore.torch.aot_compile(net, inputs, kwargs, dynamic=compile_args.get("dynamic"), options=options)
+    info = {"source": fn.source, "reason": fn.reason, "seconds": round(fn.seconds, 3), "key": fn.key}
+    return fn, info
 
 
 if __name__ == "__main__":

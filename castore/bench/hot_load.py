@@ -215,6 +215,10 @@ class HotLoadBench:
             populated_dir = os.path.join(pop_root, "castore-local") if pop.ok else None
         if "redis-remote" in modes and "redis-remote" not in self.unavailable:
             self.measure(label, POPULATE_MODES["redis"], 0, args, self.redis_env(os.path.join(root, "redis-cold")))
+        aot_namespace = namespace + "-aot"  # its own: the castore-hot runs' fetch plans stay as they were
+        if "castore-aot" in modes and "castore-aot" not in self.unavailable:
+            pop_aot = os.path.join(root, POPULATE_MODES["castore-aot"])
+            self.measure(label, POPULATE_MODES["castore-aot"], 0, args + ["--aot"], self.castore_env(pop_aot, aot_namespace))
         local_layer = None  # castore's local layer as a castore-hot run left it: the castore-warm starting point
         for r in range(self.opts.repeats):
             if r < self.opts.cold_repeats:
@@ -248,6 +252,8 @@ class HotLoadBench:
                     shutil.rmtree(env["CASTORE_CACHE_DIR"], ignore_errors=True)
                     shutil.copytree(source, env["CASTORE_CACHE_DIR"])
                     self.measure(label, mode, r, args + ["--castore"], env)
+                elif mode == "castore-aot":
+                    self.measure(label, mode, r, args + ["--aot"], self.castore_env(mroot, aot_namespace))
                 elif mode == "castore-hot+rtt":
                     self.measure(label, mode, r, args + ["--castore"], self.castore_env(mroot, namespace, via_proxy=True))
                 elif mode == "redis-remote":

@@ -2,7 +2,8 @@
 command line, and the record of one measured process (:class:`Run`).
 
 The modes are described in ``MODE_DESCRIPTIONS`` (``castore bench --help`` shows them). Populating runs (one
-castore cold run into the bucket, one Redis cold run) are recorded as ``castore-cold`` and ``redis-cold``.
+castore cold run into the bucket, one Redis cold run, one ahead-of-time castore cold run) are recorded as
+``castore-cold``, ``redis-cold`` and ``castore-aot-cold``.
 """
 
 from __future__ import annotations
@@ -12,9 +13,9 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-MODES = ["cold", "cold-writer", "warm-local", "castore-hot", "castore-warm", "castore-hot+rtt", "redis-remote", "megacache"]
-QUICK_MODES = ["cold", "cold-writer", "warm-local", "castore-hot"]
-POPULATE_MODES = {"castore": "castore-cold", "redis": "redis-cold"}
+MODES = ["cold", "cold-writer", "warm-local", "castore-hot", "castore-warm", "castore-hot+rtt", "redis-remote", "megacache", "castore-aot"]
+QUICK_MODES = ["cold", "warm-local", "castore-hot"]
+POPULATE_MODES = {"castore": "castore-cold", "redis": "redis-cold", "castore-aot": "castore-aot-cold"}
 # The classic four of each device, then the wider shapes: dynamic shapes over several lengths, a Llama-style
 # training step, a vision transformer, and max-autotune.
 WIDER_MODELS = ["gpt-dynamic:infer", "llama:train", "vit:infer", "mlp-autotune:infer"]
@@ -35,6 +36,8 @@ MODE_DESCRIPTIONS = {  # for --help
     "castore-hot+rtt": "castore-hot with --rtt-ms (30 ms) added to every S3 request (a fault proxy on loopback)",
     "redis-remote": "PyTorch's Redis remote caches (a real redis-server), fresh dirs",
     "megacache": "torch.compiler.load_cache_artifacts of the cold run's bundle, fresh dirs",
+    "castore-aot": "castore-hot through castore.torch.aot_compile (--aot): the stored ahead-of-time function is "
+    "loaded, Dynamo's trace skipped; bucket filled by a castore-aot-cold run",
 }
 
 PHASES = ("infer", "train")

@@ -46,6 +46,8 @@ def summarize(runs: list[Run], models: list[str], modes: list[str]) -> list[dict
         def writer_of(mode: str) -> str | None:
             """The mode whose caches this mode loads: with autotuning, two cold compiles may pick different kernel
             configs (and bf16 results), so a hot start is checked against its own writer."""
+            if mode == "castore-aot":
+                return POPULATE_MODES["castore-aot"]
             if mode.startswith("castore") and mode != POPULATE_MODES["castore"]:
                 return POPULATE_MODES["castore"]
             if mode == "redis-remote":
@@ -61,7 +63,7 @@ def summarize(runs: list[Run], models: list[str], modes: list[str]) -> list[dict
                 return None
             return all(got == want for got, want in pairs)
         by_mode: dict[str, dict[str, Any]] = {}
-        for mode in modes + [POPULATE_MODES["castore"], POPULATE_MODES["redis"]]:
+        for mode in modes + list(POPULATE_MODES.values()):
             sel = [r for r in mine if r.mode == mode]
             if not sel:
                 continue

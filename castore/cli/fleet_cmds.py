@@ -135,17 +135,26 @@ def prewarm(ctx: click.Context, name: str, python_exe: str | None, settle: float
         "bytes_packed": result.bytes_packed,
         "objects_reused": result.objects_reused,
         "objects": len(b.index.manifests) + len(b.index.chunks),
+        "aot_functions": _aot_functions(b.entries),
         "seconds": round(time.monotonic() - started, 2),
         "fingerprint": b.fingerprint,
     }
     emit(ctx, data, _render_prewarm)
 
 
+def _aot_functions(entries: list[tuple[str, str]]) -> int:
+    """How many of a bundle's entries are ahead-of-time compiled functions (castore.torch.aot_compile)."""
+    from castore.torch.precompiled import KEY_PREFIX
+
+    return sum(1 for _, key in entries if key.startswith(KEY_PREFIX))
+
+
 def _render_prewarm(d: dict[str, Any]) -> str:
     if not d["published"]:
         return f"bundle {d['bundle']} is up to date ({d['entries']} entries, same environment): nothing published"
+    aot = f" ({d['aot_functions']} ahead-of-time compiled functions)" if d["aot_functions"] else ""
     return (
-        f"published bundle {d['bundle']}: {d['entries']} entries, {d['objects']} objects in {d['packs']} pack(s); "
+        f"published bundle {d['bundle']}: {d['entries']} entries{aot}, {d['objects']} objects in {d['packs']} pack(s); "
         f"packed {human_size(d['bytes_packed'])} in {d['packs_written']} new pack(s), "
         f"reused {d['objects_reused']} objects"
     )
@@ -203,6 +212,7 @@ def pull(ctx: click.Context, bundle: str, into: str, as_json: bool) -> None:
     info = {
         "bundle": f"{opened.name}@{opened.version}",
         "entries": len(opened.entries),
+        "aot_functions": _aot_functions(opened.entries),
         "namespaces": namespaces,
         "fingerprint": opened.fingerprint,
         "created": opened.manifest.created,
@@ -224,7 +234,9 @@ def pull(ctx: click.Context, bundle: str, into: str, as_json: bool) -> None:
 
 def _render_pull(d: dict[str, Any]) -> str:
     return (
-        f"pulled bundle {d['bundle']} into {d['directory']}: {d['entries']} entries, {d['objects']} objects "
+        f"pulled bundle {d['bundle']} into {d['directory']}: {d['entries']} entries"
+        + (f" ({d['aot_functions']} ahead-of-time compiled functions)" if d["aot_functions"] else "")
+        + f", {d['objects']} objects "
         f"({human_size(d['bytes'])}) in {d['ranged_reads']} ranged read(s), {d['already_held']} held already\n"
         f"use it with: . {shlex.quote(os.path.join(d['directory'], 'env.sh'))}"
     )

@@ -258,8 +258,16 @@ def stat_cmd(ctx: click.Context, namespace: str, key: str, as_json: bool) -> Non
         ]
         if "files" in s:
             lines.append(f"files:       {s['files']} files, {s['directories']} directories")
+        meta = s["meta"]
+        if meta.get("artifact") == "aot-function":  # an ahead-of-time compiled function (castore.torch.precompiled)
+            lines.append(f"function:    {meta.get('aot.target', '?')}")
+            if "aot.unserializable" in meta:
+                lines.append(f"not serializable: {meta['aot.unserializable']}")
+            else:
+                lines.append(f"guards kept:    {meta.get('aot.guards_kept', '?')}")
+                lines.append(f"guards dropped: {meta.get('aot.guards_dropped', '?')}")
         lines.append("meta:")
-        lines.extend(f"  {k} = {v!r}" for k, v in sorted(s["meta"].items()))
+        lines.extend(f"  {k} = {v!r}" for k, v in sorted(meta.items()))
         return "\n".join(lines)
 
     emit(ctx, summary, render)

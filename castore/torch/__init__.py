@@ -133,6 +133,15 @@ def _export_environment(env: dict[str, str]) -> None:
         sys.path.insert(1 if sys.path else 0, AUTOLOAD_DIR)
 
 
+def aot_compile(target: Any, example_args: Any = (), example_kwargs: dict[str, Any] | None = None, *,
+                dynamic: bool | None = None, options: dict[str, Any] | None = None) -> Any:
+    """Load ``target``'s ahead-of-time compiled function from the store, or compile, publish and return it
+    (castore.torch.precompiled.aot_compile: a fresh machine skips Dynamo's trace as well as Inductor)."""
+    from castore.torch import precompiled
+
+    return precompiled.aot_compile(target, example_args, example_kwargs, dynamic=dynamic, options=options)
+
+
 def install_from_environment() -> StoreSession | None:
     """Called in processes started under castore (``castore run``, compile workers), right after torch's import;
     nothing to do when that import happened inside an install() of this thread (a script calling install()
@@ -146,4 +155,4 @@ def install_from_environment() -> StoreSession | None:
         return None
 
 
-__all__ = ["StoreSession", "active_session", "default_namespace", "install", "install_from_environment", "job_environment", "stats", "uninstall"]
+__all__ = ["StoreSession", "active_session", "aot_compile", "default_namespace", "install", "install_from_environment", "job_environment", "stats", "uninstall"]

@@ -1,0 +1,89 @@
+"""One process of the ahead-of-time tests: aot_compile a model through castore, run it, print one JSON line.
+
+    AOT_MODEL=path/to/model.py   (defines make(batch) -> (module, inputs tuple))
+    AOT_BATCH=4                  the example's batch size
+    AOT_FAKE_TORCH=2.99.0        this process's fingerprint claims another torch version
+    AOT_TRAIN=1                  compile and run with grad (a backward pass too)
+    AOT_TWICE=1                  after the first, flush and aot_compile again (what a second process would find)
+    AOT_HOOK=1                   a forward pre-hook on the module (halves its input)
+    AOT_SCALE_WEIGHTS=1.5        this process's weights differ from the writer's (a checkpoint loaded)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import sys
+
+import torch
+
+import castore.torch
+from castore.torch import artifacts, fingerprint
+
+
+def main() -> None:
+    if os.environ.get("AOT_FAKE_TORCH"):
+        real = fingerprint.fingerprint
+        fingerprint.fingerprint = lambda: {**real(), "torch": os.environ["AOT_FAKE_TORCH"]}  # type: ignore[assignment]
+    sys.path.insert(0, os.path.dirname(os.path.abspath(os.environ["AOT_MODEL"])))  # the model's neighbours
+    spec = importlib.util.spec_from_file_location("aot_model", os.environ["AOT_MODEL"])
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["aot_model"] = module
+    spec.loader.exec_module(module)
+    torch.manual_seed(0)
+    net, inputs = module.make(int(os.environ.get("AOT_BATCH", "4")))
+    train = os.environ.get("AOT_TRAIN") == "1"
+    if os.environ.get("AOT_HOOK") == "1":
+        net.register_forward_pre_hook(lambda _module, args: tuple(a * 0.5 for a in args))
+    if os.environ.get("AOT_SCALE_WEIGHTS"):
+        with torch.no_grad():
+            for p in net.parameters():
+                p.mul_(float(os.environ["AOT_SCALE_WEIGHTS"]))
+    castore.torch.install()
+    with torch.set_grad_enabled(train):
+        expected = net(*inputs).detach()  # eager
+        compiled = castore.torch.aot_compile(net, inputs)
+        out = compiled(*inputs)
+        if train:
+            out.float().pow(2).mean().backward()
+    grads = [p.grad for p in net.parameters() if p.grad is not None]
+    second = None
+    if os.environ.get("AOT_TWICE") == "1":
+        session = castore.torch.active_session()
+        assert session is not None
+        session.flush(120)
+        with torch.set_grad_enabled(train):
+            again = castore.torch.aot_compile(net, inputs)
+            twice = again(*inputs).detach()
+        second = {"source": again.source, "reason": again.reason, "max_abs_diff": float((twice - expected).abs().max())}
+    from torch._dynamo.utils import compilation_time_metrics, counters
+
+    h = hashlib.sha256()
+    for t in [out.detach(), *grads]:
+        h.update(t.float().numpy().round(4).tobytes())
+    session = castore.torch.active_session()
+    assert session is not None
+    session.flush(120)
+    print(json.dumps({
+        "source": compiled.source,
+        "reason": compiled.reason,
+        "key": compiled.key,
+        "guards": compiled.guards,
+        "digest": h.hexdigest()[:16],
+        "max_abs_diff": float((out.detach() - expected).abs().max()),
+        "grads": len(grads),
+        "second": second,
+        "frames": dict(counters["frames"]),
+        "timed": sorted(compilation_time_metrics),
+        "fxgraph": {k: v for k, v in counters["inductor"].items() if k.startswith("fxgraph")},
+        "compiler_runs": artifacts.compiler_runs,
+        "stats": castore.torch.stats(),
+        "namespace": session.namespace,
+    }), flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,389 @@
+"""Ahead-of-time compiled functions served from the store (castore.torch.aot_compile), each machine a fresh process.
+
+A CI machine compiles a small module ahead of time into a file:// store, signing what it publishes. Fresh machines
+(empty Inductor, Triton, temp and castore dirs) that trust its key then: load it and compile nothing; miss on a
+changed forward, changed input shapes or another torch version; never load it when a function it traced changed
+outside the key's files; fall back to torch.compile, with one log line, for a model that cannot be serialized;
+never unpickle an artifact planted without the key. Through SeaweedFS: `castore prewarm` and `castore pull` carry
+a training step's artifact to an offline machine.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from castore.signing import SecretKey, write_key_pair
+
+pytestmark = [pytest.mark.torch, pytest.mark.slow, pytest.mark.timeout(900)]
+
+ROOT = Path(__file__).resolve().parent.parent
+WORKER = Path(__file__).resolve().parent / "scripts" / "aot_worker.py"
+NOT_AHEAD = "is not compiled ahead of time"  # castore's fallback log line
+
+MODEL = """\
+import torch
+from torch import nn
+
+from aot_helper import scale
+
+
+class Net(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(16, 16)
+
+    def forward(self, x):
+        y = torch.relu(self.fc(x))
+        return scale(y)
+
+
+def make(batch):
+    return Net(), (torch.randn(batch, 16),)
+"""
+HELPER = "def scale(y):\n    return y * 2\n"
+GRAPH_BREAK_MODEL = MODEL.replace("        return scale(y)", "        torch._dynamo.graph_break()\n        return scale(y)")
+
+
+class _Exec:
+    """Unpickling this runs ``code``: what a malicious artifact does."""
+
+    def __init__(self, code: str) -> None:
+        self.code = code
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (exec, (self.code,))
+
+
+def write_model(directory: Path, model: str = MODEL, helper: str = HELPER) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "model.py").write_text(model)
+    (directory / "aot_helper.py").write_text(helper)
+    return directory / "model.py"
+
+
+def machine(root: Path, **extra: str) -> dict[str, str]:
+    """A fresh host's environment: empty Inductor, Triton, temp, castore and config dirs."""
+    drop = ("CASTORE_", "TORCHINDUCTOR_", "TORCH_", "TRITON_", "AWS_", "AOT_")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(drop) and k not in ("PYTHONPATH", "XDG_CONFIG_HOME")}
+    for name, sub in (("TORCHINDUCTOR_CACHE_DIR", "inductor"), ("TRITON_CACHE_DIR", "triton"), ("TMPDIR", "tmp"),
+                      ("CASTORE_CACHE_DIR", "castore"), ("XDG_CONFIG_HOME", "xdg")):  # fmt: skip
+        (root / sub).mkdir(parents=True, exist_ok=True)
+        env[name] = str(root / sub)
+    env.update(PYTHONPATH=str(ROOT), TORCHINDUCTOR_COMPILE_THREADS="1", CASTORE_SLOW_REQUEST="120")
+    env.update(extra)
+    return env
+
+
+def run_worker(env: dict[str, str], *, prefix: list[str] | None = None) -> tuple[dict[str, Any], str, str]:
+    proc = subprocess.run([*(prefix or []), sys.executable, str(WORKER)], env=env, cwd=env["TMPDIR"], capture_output=True,
+                          text=True, timeout=600)  # fmt: skip
+    assert proc.returncode == 0, f"worker failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    lines = [line for line in proc.stdout.splitlines() if line.startswith('{"source"')]
+    assert lines, proc.stdout[-3000:]
+    return json.loads(lines[-1]), proc.stdout, proc.stderr
+
+
+def compiled_nothing(result: dict[str, Any]) -> list[str]:
+    """What a load that compiled nothing must not show: Dynamo's capture, an FX graph miss, a C++ compiler run."""
+    found = [name for name in ("fullgraph_capture", "bytecode_tracing", "compile_fx_inner") if name in result["timed"]]
+    if result["fxgraph"].get("fxgraph_cache_miss"):
+        found.append(f"fxgraph_cache_miss {result['fxgraph']['fxgraph_cache_miss']}")
+    if result["compiler_runs"]:
+        found.append(f"compiler_runs {result['compiler_runs']}")
+    return found
+
+
+@pytest.fixture(scope="module")
+def published(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """CI: compiles the model ahead of time into a fresh file:// store, signing everything it publishes."""
+    root = tmp_path_factory.mktemp("aot")
+    key = SecretKey.generate("ci-aot")
+    secret_path, _ = write_key_pair(key, root / "keys")
+    model = write_model(root / "src")
+    store = root / "store"
+    env = machine(root / "ci", CASTORE_URL=f"file://{store}", CASTORE_SIGNING_KEY=str(secret_path), AOT_MODEL=str(model))
+    result, _, _ = run_worker(env)
+    assert result["source"] == "compiled", result
+    assert result["max_abs_diff"] < 1e-5 and result["compiler_runs"] > 0, result
+    assert result["stats"]["caches"]["aot-function"]["puts"] == 1, result["stats"]
+    return {"root": root, "store": store, "model": model, "public": key.public.text(), "result": result}
+
+
+def fleet(published: dict[str, Any], root: Path, **extra: str) -> dict[str, str]:
+    """A fresh fleet machine: the CI's public key (signatures required), read-only."""
+    settings = {"AOT_MODEL": str(published["model"]), "CASTORE_URL": f"file://{published['store']}",
+                "CASTORE_TRUSTED_KEYS": published["public"], "CASTORE_READ_ONLY": "1", **extra}  # fmt: skip
+    return machine(root, **settings)
+
+
+def test_a_fresh_machine_loads_the_stored_function_and_compiles_nothing(published: dict[str, Any], tmp_path: Path) -> None:
+    ci = published["result"]
+    result, _, stderr = run_worker(fleet(published, tmp_path))
+    print(f"\nfresh machine: source {result['source']}, timed steps {result['timed']}, fxgraph {result['fxgraph']}")
+    assert result["source"] == "store", (result, stderr[-3000:])
+    assert result["key"] == ci["key"] and result["digest"] == ci["digest"] and result["max_abs_diff"] < 1e-5
+    assert not compiled_nothing(result), compiled_nothing(result)
+    assert compiled_nothing(ci), "the writer must have compiled (else this test proves nothing)"
+    kept, dropped = result["guards"]["kept"], result["guards"]["dropped"]
+    assert kept.get("TENSOR_MATCH") and kept.get("GLOBAL_STATE") and kept.get("SHAPE_ENV"), kept
+    assert dropped.get("MODULE_MATCH"), dropped  # the globals' guards: objects of the writer's process
+
+
+def test_the_loaded_function_reads_this_processs_parameters(published: dict[str, Any], tmp_path: Path) -> None:
+    """Weights are inputs of the compiled graph, not constants of the artifact: a checkpoint loaded after the
+    writer compiled is what the loaded function computes with."""
+    result, _, _ = run_worker(fleet(published, tmp_path, AOT_SCALE_WEIGHTS="1.5"))
+    assert result["source"] == "store" and result["key"] == published["result"]["key"], result
+    assert result["max_abs_diff"] < 1e-5 and result["digest"] != published["result"]["digest"], result
+
+
+def test_a_module_with_hooks_is_compiled_through_its_call(tmp_path: Path) -> None:
+    """A forward pre-hook runs in the compiled function, stored and loaded alike."""
+    model = write_model(tmp_path / "src")
+    env = machine(tmp_path / "m", CASTORE_URL=f"file://{tmp_path / 'store'}", AOT_MODEL=str(model), AOT_HOOK="1",
+                  AOT_TWICE="1")  # fmt: skip
+    result, _, _ = run_worker(env)
+    assert result["source"] == "compiled" and result["max_abs_diff"] < 1e-5, result
+    assert result["second"]["source"] == "store" and result["second"]["max_abs_diff"] < 1e-5, result["second"]
+
+
+def test_a_changed_forward_misses(published: dict[str, Any], tmp_path: Path) -> None:
+    changed = MODEL.replace("y = torch.relu(self.fc(x))", "y = torch.sigmoid(self.fc(x))")
+    assert changed != MODEL
+    model = write_model(tmp_path / "src", changed)
+    result, _, _ = run_worker(fleet(published, tmp_path / "m", AOT_MODEL=str(model)))
+    assert result["key"] != published["result"]["key"]
+    assert result["source"] == "compiled" and result["max_abs_diff"] < 1e-5, result
+    assert result["digest"] != published["result"]["digest"]
+
+
+def test_a_changed_function_outside_the_keys_files_is_never_loaded(published: dict[str, Any], tmp_path: Path) -> None:
+    """The helper's file is not part of the key (only the module classes' files are): the same key is found, and the
+    check of the traced sources refuses it before it is loaded."""
+    model = write_model(tmp_path / "src", MODEL, HELPER.replace("y * 2", "y * 3"))
+    result, _, stderr = run_worker(fleet(published, tmp_path / "m", AOT_MODEL=str(model), CASTORE_LOG="info"))
+    assert result["key"] == published["result"]["key"]
+    assert result["source"] == "compiled" and result["max_abs_diff"] < 1e-5, result
+    assert "stale (aot_helper lines" in stderr, stderr[-3000:]
+
+
+def test_changed_input_shapes_miss(published: dict[str, Any], tmp_path: Path) -> None:
+    result, _, _ = run_worker(fleet(published, tmp_path, AOT_BATCH="8"))
+    assert result["key"] != published["result"]["key"]
+    assert result["source"] == "compiled" and result["max_abs_diff"] < 1e-5, result
+
+
+def test_another_torch_version_misses(published: dict[str, Any], tmp_path: Path) -> None:
+    result, _, _ = run_worker(fleet(published, tmp_path, AOT_FAKE_TORCH="2.99.0"))
+    assert result["key"] != published["result"]["key"]
+    assert result["source"] == "compiled" and result["max_abs_diff"] < 1e-5, result
+
+
+def test_a_model_that_cannot_be_serialized_falls_back_with_one_log_line(tmp_path: Path) -> None:
+    model = write_model(tmp_path / "src", GRAPH_BREAK_MODEL)
+    env = machine(tmp_path / "m", CASTORE_URL=f"file://{tmp_path / 'store'}", AOT_MODEL=str(model), AOT_TWICE="1")
+    result, _, stderr = run_worker(env)
+    lines = [line for line in stderr.splitlines() if NOT_AHEAD in line]
+    print(f"\nfallback: {lines}")
+    assert result["source"] == "fallback" and result["max_abs_diff"] < 1e-5, result
+    assert "graph" in result["reason"].lower(), result["reason"]
+    # The second call read what the first recorded: no second attempt; each call said so once.
+    assert result["second"]["source"] == "fallback" and result["second"]["reason"].startswith("recorded in the store")
+    assert len(lines) == 2 and NOT_AHEAD in lines[0] and "recorded in the store" in lines[1], lines
+
+
+def test_an_artifact_planted_without_the_signing_key_is_never_loaded(published: dict[str, Any], tmp_path: Path) -> None:
+    import castore
+    from castore.torch.precompiled import CACHE, encode_value
+
+    store_dir = tmp_path / "store"
+    shutil.copytree(published["store"], store_dir)
+    marker = tmp_path / "planted-ran"
+    payload = pickle.dumps(_Exec(f"open({str(marker)!r}, 'a').write('ran\\n'); raise RuntimeError('planted')"))
+    planted = encode_value({"target": "aot_model.Net", "guards": {}, "sources": []}, payload)
+    ns = published["result"]["namespace"]
+    with castore.open_store(f"file://{store_dir}", cache_size=0) as attacker:  # bucket access, no key
+        attacker.put(ns, published["result"]["key"], planted, meta={"artifact": CACHE}, overwrite=True)
+
+    trusted = fleet(published, tmp_path / "fleet", CASTORE_URL=f"file://{store_dir}")
+    result, _, stderr = run_worker(trusted)
+    assert not marker.exists(), "a planted artifact was unpickled"
+    assert result["source"] == "compiled" and result["max_abs_diff"] < 1e-5, result
+    assert "untrusted entry treated as a miss" in stderr, stderr[-3000:]
+
+    # The control: a machine without keys unpickles it (so the assertion above can fail), then compiles.
+    control = machine(tmp_path / "control", CASTORE_URL=f"file://{store_dir}", CASTORE_READ_ONLY="1",
+                      AOT_MODEL=str(published["model"]))  # fmt: skip
+    result, _, _ = run_worker(control)
+    assert marker.exists(), "the control did not load the planted artifact: the test would prove nothing"
+    assert result["source"] == "compiled" and result["max_abs_diff"] < 1e-5, result
+
+
+def test_castore_stat_shows_the_guards_kept_and_dropped(published: dict[str, Any], tmp_path: Path) -> None:
+    env = machine(tmp_path, CASTORE_TRUSTED_KEYS=published["public"])
+    args = ["--url", f"file://{published['store']}", "stat", published["result"]["namespace"], published["result"]["key"]]
+    proc = subprocess.run([sys.executable, "-m", "castore", *args], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    print("\n" + proc.stdout)
+    assert "guards kept:" in proc.stdout and "TENSOR_MATCH" in proc.stdout, proc.stdout
+    assert "guards dropped:" in proc.stdout and "MODULE_MATCH" in proc.stdout, proc.stdout
+    assert "aot.key.code" in proc.stdout and "trusted:     yes" in proc.stdout, proc.stdout
+
+
+@pytest.mark.s3
+def test_prewarm_and_pull_carry_a_training_steps_function(seaweedfs: Any, tmp_path: Path) -> None:
+    """CI prewarms a training step through SeaweedFS; an image pulls the bundle; the offline machine loads the
+    artifact (forward and backward) from the pulled directory and compiles nothing."""
+    model = write_model(tmp_path / "src")
+    url = seaweedfs.url(seaweedfs.create_bucket(), "ci")
+    builder = machine(tmp_path / "ci", AOT_MODEL=str(model), AOT_TRAIN="1", **seaweedfs.env())
+    prewarm = [sys.executable, "-m", "castore", "--url", url, "prewarm", "--name", "aot"]
+    cold, stdout, stderr = run_worker(builder, prefix=[*prewarm, "--"])
+    assert cold["source"] == "compiled" and cold["grads"] == 2, cold
+    assert "published bundle aot@1" in stdout + stderr, stderr[-3000:]
+
+    puller = machine(tmp_path / "puller", **seaweedfs.env(read_only=True))
+    target = tmp_path / "image"
+    pull = subprocess.run([sys.executable, "-m", "castore", "--url", url, "pull", "aot", "--into", str(target), "--json"],
+                          env=puller, capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert pull.returncode == 0, pull.stderr
+    report = json.loads(pull.stdout)
+    assert report["aot_functions"] == 1, report
+
+    node = machine(tmp_path / "node", AOT_MODEL=str(model), AOT_TRAIN="1")
+    node.pop("CASTORE_CACHE_DIR")
+    warm, _, stderr = run_worker(node, prefix=["sh", "-c", '. "$1" && shift && exec "$@"', "sh", str(target / "env.sh")])
+    assert warm["source"] == "store", (warm, stderr[-3000:])
+    assert warm["digest"] == cold["digest"] and warm["grads"] == 2, (warm, cold)  # outputs and gradients
+    assert not compiled_nothing(warm), compiled_nothing(warm)
+
+
+# -- the key and the value, in this process (no compile) -------------------------------------------------------------
+@pytest.mark.torch
+class TestKeyAndValue:
+    """Fast checks of what the key covers and of the value's header; the processes above prove the behaviour."""
+
+    def _key(self, target: Any, *args: Any, **kw: Any) -> Any:
+        from castore.torch.precompiled import compute_key
+
+        return compute_key(target, args, {}, **kw)
+
+    def test_each_component_changes_only_its_own_digest(self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        import importlib.util
+
+        import torch
+
+        model = write_model(tmp_path / "src")
+        monkeypatch.syspath_prepend(str(model.parent))
+        spec = importlib.util.spec_from_file_location("aot_key_model", model)
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        monkeypatch.setitem(sys.modules, "aot_key_model", module)  # where inspect finds a class's file
+        spec.loader.exec_module(module)
+        net, (x,) = module.make(4)
+        base = self._key(net, x)
+        assert base.key.startswith("aot.") and base.key == self._key(net, x).key  # stable
+        differing = {
+            "inputs": self._key(net, torch.randn(8, 16)),
+            "parameters": self._key(net.double(), x.double()),
+            "settings": self._key(net.float(), x, dynamic=True),
+        }
+        with torch.no_grad():
+            differing["settings-grad"] = self._key(net, x)
+        for name, other in differing.items():
+            component = name.split("-")[0]
+            assert other.key != base.key, name
+            assert other.components[component] != base.components[component], name
+        assert differing["parameters"].components["inputs"] != base.components["inputs"]  # float64 input too
+        assert differing["settings"].components["code"] == base.components["code"]
+
+        (tmp_path / "src" / "model.py").write_text(MODEL.replace("torch.relu", "torch.tanh"))
+        from castore.torch import precompiled
+
+        precompiled._file_digest.cache_clear()
+        changed = self._key(net, x)
+        assert changed.components["code"] != base.components["code"] and changed.key != base.key
+
+    def test_dynamic_dimensions_are_keyed_by_their_rank_not_their_size(self) -> None:
+        import torch
+
+        from castore.torch.precompiled import input_specs
+
+        a, b = torch.randn(4, 16), torch.randn(8, 16)
+        assert input_specs((a,), {}, True) == input_specs((b,), {}, True)
+        assert input_specs((a,), {}, None) != input_specs((b,), {}, None)
+        assert input_specs((torch.randn(1, 16),), {}, True) != input_specs((a,), {}, True)  # 1 is specialized
+        marked = torch.randn(4, 16)
+        torch._dynamo.mark_dynamic(marked, 0)
+        assert "s,16" in input_specs((marked,), {}, None) and "dynamic[0]" in input_specs((marked,), {}, None)
+
+    def test_the_fingerprints_torch_version_is_part_of_the_key(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        from castore.torch import fingerprint
+
+        fn = torch_function
+        base = self._key(fn, 1.0)
+        real = fingerprint.fingerprint
+        monkeypatch.setattr(fingerprint, "fingerprint", lambda: {**real(), "torch": "2.99.0"})
+        other = self._key(fn, 1.0)
+        assert other.components["environment"] != base.components["environment"] and other.key != base.key
+        assert other.components["code"] == base.components["code"]
+
+    def test_a_value_of_another_format_or_cut_short_is_refused(self) -> None:
+        from castore.torch.precompiled import MAGIC, decode_value, encode_value
+
+        value = encode_value({"target": "t", "sources": []}, b"payload")
+        header, payload = decode_value(value)
+        assert header["target"] == "t" and header["v"] == 1 and payload == b"payload"
+        for bad in (b"", b"pickle data", value[: len(MAGIC) + 6], value.replace(b'"v":1', b'"v":2'), MAGIC + b"\xff\xff\xff\xff"):
+            with pytest.raises(ValueError):
+                decode_value(bad)
+
+    def test_a_traced_function_changed_since_the_artifact_was_written_is_found(self, tmp_path: Path,
+                                                                               monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+        import importlib
+        import linecache
+
+        from castore.torch.precompiled import _digest, stale_source
+
+        (tmp_path / "aot_stale_helper.py").write_text(HELPER)
+        monkeypatch.syspath_prepend(str(tmp_path))
+        importlib.import_module("aot_stale_helper")
+        recorded = [["aot_stale_helper", 1, 3, _digest(HELPER)]]
+        assert stale_source(recorded) is None
+        (tmp_path / "aot_stale_helper.py").write_text(HELPER.replace("y * 2", "y * 3"))
+        linecache.checkcache()
+        assert stale_source(recorded) == "aot_stale_helper lines 1-3 changed"
+        assert stale_source([["no_such_module_anywhere", 1, 2, "0"]]) is not None
+
+
+def torch_function(x: float) -> float:
+    return x * 2
+
+
+@pytest.mark.torch
+def test_closure_values_and_module_attributes_are_part_of_the_key() -> None:
+    import torch
+
+    from castore.torch.precompiled import compute_key
+
+    def make(scale: float) -> Any:
+        def fn(x: Any) -> Any:
+            return x * scale
+
+        return fn
+
+    x = torch.randn(2)
+    assert compute_key(make(2.0), (x,), {}).key == compute_key(make(2.0), (x,), {}).key
+    assert compute_key(make(2.0), (x,), {}).key != compute_key(make(3.0), (x,), {}).key
+    a, b = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)
+    b.scale = 3.0  # type: ignore[assignment]
+    assert compute_key(a, (x,), {}).components["parameters"] != compute_key(b, (x,), {}).components["parameters"]
