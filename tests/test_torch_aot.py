@@ -387,3 +387,30 @@ def test_closure_values_and_module_attributes_are_part_of_the_key() -> None:
     a, b = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)
     b.scale = 3.0  # type: ignore[assignment]
     assert compute_key(a, (x,), {}).components["parameters"] != compute_key(b, (x,), {}).components["parameters"]
+
+
+def test_a_trace_that_asks_to_restart_is_traced_again_and_one_that_never_settles_raises() -> None:
+    # With dynamic shapes Dynamo may restart its analysis (a Python float turned into a tensor): torch.compile
+    # retries on its own, aot_compile raises it to the caller.
+    from torch._dynamo.exc import TensorifyScalarRestartAnalysis
+
+    from castore.torch.precompiled import AOT_RESTARTS, _trace_with_restarts
+
+    calls: list[int] = []
+
+    def settles_on_the_third(inputs: Any) -> str:
+        calls.append(1)
+        if len(calls) < 3:
+            raise TensorifyScalarRestartAnalysis()
+        return f"compiled {inputs}"
+
+    assert _trace_with_restarts(settles_on_the_third, "x") == "compiled x" and len(calls) == 3
+
+    def never_settles(inputs: Any) -> str:
+        calls.append(1)
+        raise TensorifyScalarRestartAnalysis()
+
+    calls.clear()
+    with pytest.raises(TensorifyScalarRestartAnalysis):
+        _trace_with_restarts(never_settles, "x")
+    assert len(calls) == AOT_RESTARTS + 1

@@ -507,13 +507,31 @@ def compile_ahead(target: Any, args: tuple[Any, ...], kwargs: dict[str, Any], *,
         if aot is None:
             raise AotUnavailable(f"torch {torch.__version__} has no torch.compile(...).aot_compile")
         call_args = tuple(args) if plan.self_arg is None or plan.entry == "__call__" else (plan.self_arg, *args)
-        compiled = aot((call_args, dict(kwargs)))
+        compiled = _trace_with_restarts(aot, (call_args, dict(kwargs)))
     serialize = getattr(type(compiled), "serialize", None)
     if serialize is None:
         raise AotUnavailable(f"torch {torch.__version__}'s compiled function has no serialize()")
     result = serialize(compiled, plan.external or None) if _takes(serialize, "external_data") else serialize(compiled)
     payload = result if isinstance(result, (bytes, bytearray)) else result.serialized_data
     return compiled, bytes(payload)
+
+
+AOT_RESTARTS = 8  # as Dynamo's own compile loop: each restart records what the next attempt must do differently
+
+
+def _trace_with_restarts(aot: Callable[[Any], Any], inputs: Any) -> Any:
+    """aot(inputs), traced again where Dynamo asks to restart its analysis (a Python float turned into a tensor
+    with dynamic shapes, say): torch.compile's own loop does this, aot_compile raises it to the caller."""
+    try:
+        from torch._dynamo.exc import RestartAnalysis
+    except ImportError:  # noqa: BLE001 - a torch without it raises nothing of the kind
+        return aot(inputs)
+    for _ in range(AOT_RESTARTS):
+        try:
+            return aot(inputs)
+        except RestartAnalysis as exc:
+            log.debug("castore: ahead-of-time trace restarted: %s", type(exc).__name__)
+    return aot(inputs)
 
 
 def _serializer() -> Any:

@@ -29,7 +29,7 @@ from castore.torch.recording import TouchRecorder
 log = logging.getLogger("castore.torch")
 
 # The first lookup of a process in one of these caches anchors its fetch plan (see StoreSession.get).
-PLAN_ANCHORS = ("aot-autograd", "fx-graph")
+PLAN_ANCHORS = ("aot-function", "aot-autograd", "fx-graph")
 PLAN_FORMAT = 1
 PLAN_LIMIT = 4096  # entries; a plan names what one job compiled, not a whole bucket
 # A plan read faster than this came from the local layer or a store next door: there, on a machine of few CPUs,
