@@ -181,31 +181,36 @@ AUTOTUNE_ENTRY_POINTS = [
 
 
 def install_autotune_counters() -> dict[str, int]:
-    """Wrap PyTorch's autotuning entry points (those present in this version) with call counters."""
-    import functools
-    import importlib
-    import inspect
+    """Wrap PyTorch's autotuning entry points (those present in this version) with call counters, each when
+    PyTorch imports its module: the measured process imports nothing it would not import on its own (a process
+    that loads an ahead-of-time compiled function never imports select_algorithm, say)."""
+    from castore.torch.import_hooks import when_imported
 
     counts: dict[str, int] = {}
     for module_name, cls_name, attr in AUTOTUNE_ENTRY_POINTS:
-        try:
-            cls = getattr(importlib.import_module(module_name), cls_name)
-            raw = inspect.getattr_static(cls, attr)
-        except (ImportError, AttributeError):
-            continue
-        name = f"{cls_name}.{attr}"
-        counts[name] = 0
-        kind = classmethod if isinstance(raw, classmethod) else staticmethod if isinstance(raw, staticmethod) else None
-        fn = raw.__func__ if kind else raw
-
-        def make(fn: Any, name: str) -> Any:
-            @functools.wraps(fn)
-            def counted(*a: Any, **kw: Any) -> Any:
-                counts[name] += 1
-                return fn(*a, **kw)
-
-            return counted
-
-        wrapped = make(fn, name)
-        setattr(cls, attr, kind(wrapped) if kind else wrapped)
+        when_imported(module_name, lambda module, cls_name=cls_name, attr=attr: _count_calls(module, cls_name, attr, counts))
     return counts
+
+
+def _count_calls(module: Any, cls_name: str, attr: str, counts: dict[str, int]) -> None:
+    import functools
+    import inspect
+
+    cls = getattr(module, cls_name, None)
+    if cls is None:
+        return
+    try:
+        raw = inspect.getattr_static(cls, attr)
+    except AttributeError:
+        return
+    name = f"{cls_name}.{attr}"
+    counts[name] = 0
+    kind = classmethod if isinstance(raw, classmethod) else staticmethod if isinstance(raw, staticmethod) else None
+    fn = raw.__func__ if kind else raw
+
+    @functools.wraps(fn)
+    def counted(*a: Any, **kw: Any) -> Any:
+        counts[name] += 1
+        return fn(*a, **kw)
+
+    setattr(cls, attr, kind(counted) if kind else counted)
