@@ -20,6 +20,7 @@ again. A store failure never breaks compilation: it is a miss.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import importlib
@@ -499,7 +500,7 @@ def compile_ahead(target: Any, args: tuple[Any, ...], kwargs: dict[str, Any], *,
     opts = dict(options or {})
     opts["guard_filter_fn"] = guards.filter(opts.pop("guard_filter_fn", None))
     config = torch._dynamo.config
-    patch = config.patch(enable_aot_compile=True) if hasattr(config, "enable_aot_compile") else _nullcontext()
+    patch = config.patch(enable_aot_compile=True) if hasattr(config, "enable_aot_compile") else contextlib.nullcontext()
     with patch:
         compiled_obj = torch.compile(plan.fn, fullgraph=True, dynamic=dynamic, options=opts)
         entry = compiled_obj.forward if isinstance(plan.fn, torch.nn.Module) else compiled_obj
@@ -553,14 +554,6 @@ def load_payload(target: Any, payload: bytes) -> Any:
     if load is None:
         raise AotUnavailable(f"torch {torch.__version__} has no torch.compiler.load_compiled_function")
     return load(io.BytesIO(payload), **({"external_data": plan.external} if plan.external else {}))
-
-
-class _nullcontext:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        return None
 
 
 def describe_target(target: Any) -> str:
