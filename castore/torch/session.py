@@ -40,10 +40,13 @@ PREFETCH_ALWAYS_CPUS = 4
 
 
 def usable_cpus() -> int:
+    """The CPUs this process may run on (its affinity), else the machine's."""
     try:
         return len(os.sched_getaffinity(0))
     except (AttributeError, OSError):
         return os.cpu_count() or 1
+
+
 # A queued write: (cache, torch key, bytes, meta[, overwrite]).
 _WriteItem = tuple[str, str, "bytes | FileData", dict[str, object]] | tuple[str, str, "bytes | FileData", dict[str, object], bool]
 DEFERRED = "deferred"  # background work that is not an entry of the store (copies into PyTorch's local dirs)
