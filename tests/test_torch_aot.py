@@ -307,16 +307,16 @@ class TestKeyAndValue:
         assert differing["settings"].components["code"] == base.components["code"]
 
         (tmp_path / "src" / "model.py").write_text(MODEL.replace("torch.relu", "torch.tanh"))
-        from castore.torch import precompiled
+        from castore.torch import aot_key
 
-        precompiled._file_digest.cache_clear()
+        aot_key._file_digest.cache_clear()
         changed = self._key(net, x)
         assert changed.components["code"] != base.components["code"] and changed.key != base.key
 
     def test_dynamic_dimensions_are_keyed_by_their_rank_not_their_size(self) -> None:
         import torch
 
-        from castore.torch.precompiled import input_specs
+        from castore.torch.aot_key import input_specs
 
         a, b = torch.randn(4, 16), torch.randn(8, 16)
         assert input_specs((a,), {}, True) == input_specs((b,), {}, True)

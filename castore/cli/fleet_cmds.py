@@ -144,7 +144,7 @@ def prewarm(ctx: click.Context, name: str, python_exe: str | None, settle: float
 
 def _aot_functions(entries: list[tuple[str, str]]) -> int:
     """How many of a bundle's entries are ahead-of-time compiled functions (castore.torch.aot_compile)."""
-    from castore.torch.precompiled import KEY_PREFIX
+    from castore.torch.aot_key import KEY_PREFIX
 
     return sum(1 for _, key in entries if key.startswith(KEY_PREFIX))
 

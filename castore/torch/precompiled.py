@@ -21,319 +21,37 @@ again. A store failure never breaks compilation: it is a miss.
 from __future__ import annotations
 
 import contextlib
-import functools
-import hashlib
 import importlib
 import inspect
 import io
 import json
 import logging
-import marshal
-import os
 import struct
 import sys
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
+
+from castore.torch.aot_key import MAX_META_TEXT, AotKey, _digest
+from castore.torch.aot_key import compute_key as _compute_key
 
 log = logging.getLogger("castore.torch")
 
 CACHE = "aot-function"  # castore's cache name (`castore stats`) and the manifests' `artifact`
-KEY_PREFIX = "aot."
-RECIPE = 1  # version of what the key covers: a change misses every artifact written before
 MAGIC = b"castore-aot-function\n"
 VALUE_FORMAT = 1
 MAX_HEADER = 16 << 20
-MAX_META_TEXT = 2000
 # What torch's own default guard filter for aot_compile drops besides globals (CheckFunctionManager's list).
 _UNSERIALIZABLE_GUARDS = ("DICT_VERSION", "NN_MODULE", "ID_MATCH", "FUNCTION_MATCH", "CLASS_MATCH", "MODULE_MATCH",
                           "CLOSURE_MATCH", "WEAKREF_ALIVE")  # fmt: skip
-# Fingerprint fields left out of the key: the device index is part of each input's spec instead; the lists of
-# changed settings name what the config hashes cover, and change once a compile has set settings to their defaults.
-_FINGERPRINT_SKIP = ("gpu_index", "inductor_changed", "functorch_changed")
 
 
 class AotUnavailable(Exception):
     """This torch cannot compile ahead of time (no ``aot_compile``), or this target cannot be (a graph break,
     an unserializable guard or object): the caller falls back to torch.compile."""
-
-
-# -- the key ------------------------------------------------------------------------------------------------------
-@dataclass
-class AotKey:
-    """The store key of one ahead-of-time compiled function, and what it covers (recorded in the manifest)."""
-
-    key: str
-    components: dict[str, str]  # component -> 16 hex digits of its SHA-256
-    described: dict[str, str] = field(default_factory=dict)  # component -> short human-readable text
-
-
-def _digest(text: str) -> str:
-    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
-
-
-def _is_torch(module_name: str) -> bool:
-    top = module_name.split(".", 1)[0]
-    return top in ("torch", "torchgen", "functorch", "builtins", "abc", "typing", "collections", "enum")
-
-
-@functools.cache
-def _file_digest(path: str) -> str | None:
-    try:
-        with open(path, "rb") as f:
-            return hashlib.sha256(f.read()).hexdigest()
-    except OSError:
-        return None
-
-
-@functools.cache
-def _package_version(top: str) -> str | None:
-    """The installed distribution of a top-level package, as NAME==VERSION (None for code outside any)."""
-    from importlib import metadata
-
-    try:
-        return f"{top}=={metadata.version(top)}"
-    except metadata.PackageNotFoundError:
-        pass
-    except Exception:  # noqa: BLE001 - broken metadata: the file digests still cover the code
-        return None
-    names = _packages_distributions().get(top) or []
-    found = []
-    for name in sorted(set(names)):
-        try:
-            found.append(f"{name}=={metadata.version(name)}")
-        except Exception:  # noqa: BLE001, PERF203
-            continue
-    return ",".join(found) or None
-
-
-@functools.cache
-def _packages_distributions() -> dict[str, list[str]]:
-    from importlib import metadata
-
-    try:
-        return dict(metadata.packages_distributions())
-    except Exception:  # noqa: BLE001
-        return {}
-
-
-def _code_of(obj: Any) -> str:
-    """What identifies one class's or function's code: its whole source file (helpers and constants beside it
-    included) when there is one, else its own source, else its bytecode."""
-    try:
-        path = inspect.getsourcefile(obj)
-    except TypeError:
-        path = None
-    if path:
-        digest = _file_digest(path)
-        if digest is not None:
-            return f"file {os.path.basename(path)} sha256:{digest}"
-    try:
-        return "source sha256:" + _digest(inspect.getsource(obj))
-    except (OSError, TypeError):
-        pass
-    codes = []
-    functions = vars(obj).values() if isinstance(obj, type) else [obj]
-    for value in functions:
-        code = getattr(getattr(value, "__func__", value), "__code__", None)
-        if code is not None:
-            codes.append(marshal.dumps(code.co_code) + repr((code.co_consts, code.co_names)).encode())
-    return "bytecode sha256:" + hashlib.sha256(b"\0".join(sorted(codes))).hexdigest()
-
-
-def _classes_of(target: Any) -> list[type]:
-    import torch
-
-    roots: list[type] = []
-    if isinstance(target, torch.nn.Module):
-        roots = [type(m) for m in target.modules()]
-    elif inspect.ismethod(target) and isinstance(target.__self__, torch.nn.Module):
-        roots = [type(m) for m in target.__self__.modules()]
-    seen: dict[type, None] = {}
-    for cls in roots:
-        for base in cls.__mro__:
-            if not _is_torch(base.__module__ or ""):
-                seen[base] = None
-    return sorted(seen, key=lambda c: f"{c.__module__}.{c.__qualname__}")
-
-
-def _modules_of(target: Any) -> Iterable[Any]:
-    import torch
-
-    if isinstance(target, torch.nn.Module):
-        return target.modules()
-    if inspect.ismethod(target) and isinstance(target.__self__, torch.nn.Module):
-        return target.__self__.modules()
-    return ()
-
-
-def code_identity(target: Any) -> tuple[str, str]:
-    """(text hashed into the key, short description): the code of a module's classes (every submodule's, and
-    their bases outside torch; torch's own are its version, in the fingerprint), a forward set on an instance,
-    or a function's code; and the versions of the packages that code comes from."""
-    parts: list[str] = []
-    packages: set[str] = set()
-    names: list[str] = []
-    functions: list[Any] = []
-    for cls in _classes_of(target):
-        names.append(f"{cls.__module__}.{cls.__qualname__}")
-        parts.append(f"class {names[-1]}: {_code_of(cls)}")
-        packages.add(cls.__module__.split(".", 1)[0])
-    for m in _modules_of(target):
-        if "forward" in vars(m):  # a forward assigned to the instance
-            functions.append(vars(m)["forward"])
-    if not isinstance(target, type) and not _classes_of(target):
-        functions.append(target)
-    for fn in functions:
-        fn = inspect.unwrap(getattr(fn, "func", fn))  # functools.partial, decorators
-        fn = getattr(fn, "__func__", fn)
-        module = getattr(fn, "__module__", None) or ""
-        name = f"{module}.{getattr(fn, '__qualname__', type(fn).__qualname__)}"
-        names.append(name)
-        parts.append(f"function {name}: {_code_of(fn)} {_bound_values(fn)}")
-        if module and not _is_torch(module):
-            packages.add(module.split(".", 1)[0])
-    versions = sorted(v for v in (_package_version(p) for p in packages if p not in ("__main__",)) if v)
-    parts.append("packages " + " ".join(versions))
-    shown = ", ".join(names[:8]) + (f" and {len(names) - 8} more" if len(names) > 8 else "")
-    return "\n".join(parts), shown + (f"; {', '.join(versions)}" if versions else "")
-
-
-def _bound_values(fn: Any) -> str:
-    """A function's closure cells and default values: Dynamo bakes them into the graph (their guards are among
-    those dropped), so a function made with other values is another key."""
-    cells = []
-    for cell in getattr(fn, "__closure__", None) or ():
-        try:
-            cells.append(_value_spec(cell.cell_contents, None))
-        except ValueError:  # an empty cell
-            cells.append("<empty>")
-    defaults = [_value_spec(v, None) for v in getattr(fn, "__defaults__", None) or ()]
-    kwdefaults = [f"{k}={_value_spec(v, None)}" for k, v in sorted((getattr(fn, "__kwdefaults__", None) or {}).items())]
-    return f"closure({'; '.join(cells)}) defaults({'; '.join(defaults + kwdefaults)})"
-
-
-def _dynamic_dims(t: Any) -> set[int]:
-    dims: set[int] = set()
-    for attr in ("_dynamo_dynamic_indices", "_dynamo_weak_dynamic_indices", "_dynamo_unbacked_indices"):
-        dims |= set(getattr(t, attr, ()) or ())
-    return dims
-
-
-def _tensor_spec(t: Any, dynamic: bool | None) -> str:
-    marked = _dynamic_dims(t)
-    sizes = []
-    for i, n in enumerate(t.shape):
-        # A dynamic dimension is any size but 0 and 1, which Dynamo specializes on.
-        sizes.append(str(n) if not (dynamic or i in marked) or n in (0, 1) else "s")
-    if dynamic or marked:  # the stride order (the layout), not the strides of one size
-        layout = ",".join(str(i) for i in sorted(range(t.dim()), key=lambda i: (-t.stride(i), i)))
-    else:
-        layout = ",".join(str(s) for s in t.stride())
-    spec = f"{str(t.dtype).removeprefix('torch.')}[{','.join(sizes)}] stride({layout}) {t.device}"
-    if t.requires_grad:
-        spec += " grad"
-    if marked:
-        spec += f" dynamic{sorted(marked)}"
-    return spec
-
-
-def _value_spec(value: Any, dynamic: bool | None) -> str:
-    import torch
-
-    if isinstance(value, torch.Tensor):
-        return _tensor_spec(value, dynamic)
-    if value is None or isinstance(value, (bool, int, float, str, torch.dtype, torch.device)):
-        return f"{type(value).__name__} {value!r}"  # Dynamo specializes on these
-    return type(value).__qualname__
-
-
-def input_specs(args: tuple[Any, ...], kwargs: dict[str, Any], dynamic: bool | None) -> str:
-    """The inputs as the key sees them: each leaf's shape (dynamic sizes as s), strides, dtype, device and
-    requires_grad, or a constant's value, in pytree order."""
-    from torch.utils import _pytree as pytree
-
-    leaves, spec = pytree.tree_flatten((args, kwargs))
-    return "\n".join([" ".join(str(spec).split()), *(_value_spec(v, dynamic) for v in leaves)])
-
-
-def parameter_specs(target: Any) -> str:
-    import torch
-
-    module = target if isinstance(target, torch.nn.Module) else getattr(target, "__self__", None)
-    if not isinstance(module, torch.nn.Module):
-        return ""
-    lines = [f"param {n} {_tensor_spec(p, False)}" for n, p in module.named_parameters(remove_duplicate=False)]
-    lines += [f"buffer {n} {_tensor_spec(b, False)}" for n, b in module.named_buffers(remove_duplicate=False)]
-    lines.append("training " + "".join("1" if m.training else "0" for m in module.modules()))
-    for prefix, m in module.named_modules(remove_duplicate=False):
-        # Plain attributes the forward may read (a scale, a flag): Dynamo guards on them as constants.
-        for attr, value in sorted(vars(m).items()):
-            if not attr.startswith("_") and attr != "training" and (value is None or isinstance(value, (bool, int, float, str))):
-                lines.append(f"attr {prefix}.{attr} {value!r}")
-    return "\n".join(lines)
-
-
-def _stable(value: Any) -> str:
-    if callable(value):
-        return f"{getattr(value, '__module__', '')}.{getattr(value, '__qualname__', type(value).__qualname__)}"
-    if isinstance(value, dict):
-        return "{" + ", ".join(f"{k!r}: {_stable(v)}" for k, v in sorted(value.items(), key=lambda kv: str(kv[0]))) + "}"
-    return repr(value)
-
-
-def global_state(dynamic: bool | None, options: dict[str, Any] | None, entry: str = "") -> str:
-    """What Dynamo's global-state guard checks, the compile settings and how the target is entered (AotPlan)."""
-    import torch
-
-    state = {
-        "entry": entry,
-        "grad": torch.is_grad_enabled(),
-        "inference_mode": torch.is_inference_mode_enabled(),
-        "deterministic": torch.are_deterministic_algorithms_enabled(),
-        "default_dtype": str(torch.get_default_dtype()),
-        "dynamic": dynamic,
-        "options": _stable(options or {}),
-        "backend": "inductor",
-    }
-    for device in ("cpu", "cuda"):
-        try:
-            state[f"autocast.{device}"] = torch.is_autocast_enabled(device)
-        except TypeError:  # an older torch: is_autocast_enabled() is CUDA's
-            state["autocast.cuda"] = torch.is_autocast_enabled()
-    return json.dumps(state, sort_keys=True)
-
-
-def environment() -> str:
-    """The environment fingerprint (castore.torch.fingerprint), without the device index."""
-    from castore.torch import fingerprint as fingerprint_module
-
-    fp = fingerprint_module.fingerprint()
-    return json.dumps({k: v for k, v in fp.items() if k not in _FINGERPRINT_SKIP}, sort_keys=True, default=repr)
-
-
-def compute_key(target: Any, args: tuple[Any, ...], kwargs: dict[str, Any], *, dynamic: bool | None = None,
-                options: dict[str, Any] | None = None) -> AotKey:  # fmt: skip
-    code, code_shown = code_identity(target)
-    inputs = input_specs(args, kwargs, dynamic)
-    components = {
-        "code": code,
-        "inputs": inputs,
-        "parameters": parameter_specs(target),
-        "settings": global_state(dynamic, options, plan_for(target).entry),
-        "environment": environment(),
-    }
-    digests = {name: _digest(text)[:16] for name, text in components.items()}
-    whole = _digest(f"castore aot recipe {RECIPE}\n" + "\n".join(f"{n}\0{components[n]}" for n in sorted(components)))
-    described = {
-        "code": code_shown,
-        "inputs": "; ".join(inputs.splitlines()[1:])[:MAX_META_TEXT],
-        "settings": components["settings"][:MAX_META_TEXT],
-    }
-    return AotKey(KEY_PREFIX + whole, digests, described)
 
 
 # -- the stored value ---------------------------------------------------------------------------------------------
@@ -477,6 +195,12 @@ def plan_for(target: Any) -> AotPlan:
     if forward is None and not _has_hooks(target):
         return AotPlan(type(target).forward, target, entry="forward")
     return AotPlan(target, target, {"model": target}, entry="__call__")
+
+
+def compute_key(target: Any, args: tuple[Any, ...], kwargs: dict[str, Any], *, dynamic: bool | None = None,
+                options: dict[str, Any] | None = None) -> AotKey:  # fmt: skip
+    """The store key of target compiled ahead of time (castore.torch.aot_key), entered as plan_for() says."""
+    return _compute_key(target, args, kwargs, dynamic=dynamic, options=options, entry=plan_for(target).entry)
 
 
 def _takes(fn: Any, name: str) -> bool:
