@@ -31,21 +31,24 @@ from castore.bench.counters import THREAD_CPU, count_lines, cpu_seconds, install
 from castore.bench.models import CPU_MODELS, MODELS, ModelSpecError, build_runs, compile_kwargs, is_factory, logits  # noqa: E402
 
 
+def call_inputs(example: Any, args: argparse.Namespace) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """The positional and keyword arguments the module is called with: a Hugging Face GPT-2 training step also
+    takes its labels (and returns its loss)."""
+    inputs = example if isinstance(example, tuple) else (example,)
+    return inputs, {"labels": example} if args.mode == "train" and args.model in ("gpt2", "gpt2-autotune") else {}
+
+
 def run_once(compiled: Any, net: Any, example: Any, args: argparse.Namespace) -> tuple[Any, list[Any]]:
     """One inference, or one training step (forward and backward), of the compiled module; returns its output and
     the tensors the output digest is taken of."""
     import torch
 
-    inputs = example if isinstance(example, tuple) else (example,)
+    inputs, kwargs = call_inputs(example, args)
     if args.mode == "train":
         for p in net.parameters():
             p.grad = None
-        if args.model in ("gpt2", "gpt2-autotune"):
-            out = compiled(example, labels=example)
-            loss = out.loss
-        else:
-            out = compiled(*inputs)
-            loss = logits(out).float().pow(2).mean()
+        out = compiled(*inputs, **kwargs)
+        loss = out.loss if kwargs else logits(out).float().pow(2).mean()
         loss.backward()
         grads = [p.grad for p in net.parameters() if p.grad is not None]
         return out, [logits(out).detach()] + (grads if args.model in CPU_MODELS else grads[:4] + grads[-4:])
@@ -202,8 +205,7 @@ def _aot_compile(net: Any, example: Any, args: argparse.Namespace) -> tuple[Any,
 
     import castore.torch
 
-    inputs = example if isinstance(example, tuple) else (example,)
-    kwargs = {"labels": example} if args.mode == "train" and args.model in ("gpt2", "gpt2-autotune") else {}
+    inputs, kwargs = call_inputs(example, args)
     compile_args = compile_kwargs(args.model)
     options = None
     if "mode" in compile_args:  # torch.compile's mode= is a set of Inductor options
