@@ -1,13 +1,15 @@
-"""Where a warm start's wall time goes, thread by thread: warm-local, castore-hot and castore-hot+rtt under py-spy.
+"""Where a warm start's wall time goes, thread by thread: warm-local, castore-hot, castore-hot+rtt (and
+castore-aot, the stored ahead-of-time function) under py-spy.
 
     python benchmarks/diag/profile_hot.py --model gpt2 --mode infer --device cuda --repeats 3 --out $OUT/prof
+    python benchmarks/diag/profile_hot.py --model vit --mode infer --device cuda --modes warm-local,castore-aot
 
 One cold process fills PyTorch's local caches, one castore-cold process a SeaweedFS bucket; then the three warm
 modes alternate (order rotated each repeat), each process sampled by ``py-spy record --threads --idle
 --subprocesses`` ($CASTORE_PY_SPY, else py-spy on PATH). Writes each process's raw samples under --out and
 prints, per mode: the phases demo_model reports, the seconds each thread of the measured process was sampled,
 the seconds sampled in its subprocesses by kind (idle included, as for threads), and the functions of the main
-thread whose inclusive time differs most between castore-hot and the other two modes. Diagnostic only: no result is committed from it.
+thread whose inclusive time differs most between each mode and warm-local. Diagnostic only: no result is committed from it.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from castore.bench.machines import castore_machine_env, plain_machine_env
 from castore.testing.faultproxy import FaultProxy
 from castore.testing.seaweedfs import SeaweedFS
 
-MODES = ["warm-local", "castore-hot", "castore-hot+rtt"]
+MODES = ["warm-local", "castore-hot", "castore-hot+rtt", "castore-aot"]
 _LINE = re.compile(r"^(.*) (\d+)$")
 _FRAME = re.compile(r"^(.*) \((.*?)(?::\d+)?\)$")  # "function (file:line)" -> function, file
 
@@ -85,7 +87,11 @@ def parse_raw(path: str, rate: int) -> dict[str, object]:
 
 
 def main() -> None:
-    args = parse_model_args("cnn", "infer", repeats=(int, 2), rate=(int, 100), out=(str, None))
+    args = parse_model_args("cnn", "infer", repeats=(int, 2), rate=(int, 100), out=(str, None),
+                            modes=(str, "warm-local,castore-hot,castore-hot+rtt"))
+    modes = args.modes.split(",")
+    if "warm-local" not in modes or not set(modes) <= set(MODES):
+        raise SystemExit(f"--modes: warm-local and any of {', '.join(MODES)}")
     out = args.out or tempfile.mkdtemp(prefix="castore-prof-")
     os.makedirs(out, exist_ok=True)
     spy = py_spy()
@@ -115,20 +121,24 @@ def main() -> None:
         cold_env = plain_machine_env(os.path.join(work, "cold"))
         run("cold", demo, cold_env)
         run("castore-cold", [*demo, "--castore"], castore_env(os.path.join(work, "castore-cold"), sw.endpoint))
+        if "castore-aot" in modes:
+            run("castore-aot-cold", [*demo, "--aot"], castore_env(os.path.join(work, "castore-aot-cold"), sw.endpoint))
         for i in range(args.repeats):
-            for mode in rotated(MODES, i):
+            for mode in rotated(modes, i):
                 profile = os.path.join(out, f"{mode}-{i}.txt")
                 if mode == "warm-local":
                     run(mode, demo, cold_env, profile)
+                elif mode == "castore-aot":
+                    run(mode, [*demo, "--aot"], castore_env(os.path.join(work, f"{mode}-{i}"), sw.endpoint), profile)
                 else:
                     endpoint = proxy.endpoint if mode.endswith("rtt") else sw.endpoint
                     run(mode, [*demo, "--castore"], castore_env(os.path.join(work, f"{mode}-{i}"), endpoint), profile)
     shutil.rmtree(work, ignore_errors=True)
-    report(results, profiles)
+    report(modes, results, profiles)
     print("raw samples:", out)
 
 
-def report(results: dict[str, list[dict]], profiles: dict[str, list[dict]]) -> None:
+def report(modes: list[str], results: dict[str, list[dict]], profiles: dict[str, list[dict]]) -> None:
     def med(values: list[float]) -> float:
         return round(statistics.median(values), 3) if values else float("nan")
 
@@ -136,7 +146,7 @@ def report(results: dict[str, list[dict]], profiles: dict[str, list[dict]]) -> N
         keys = set().union(*(p[part] for p in profiles[mode])) if profiles[mode] else set()
         return {k: med([p[part].get(k, 0.0) for p in profiles[mode]]) for k in keys}
 
-    for mode in MODES:
+    for mode in modes:
         rs = results[mode]
         if not rs:
             continue
@@ -148,12 +158,22 @@ def report(results: dict[str, list[dict]], profiles: dict[str, list[dict]]) -> N
         }
         print(json.dumps({"mode": mode, "processes": len(rs), "phases": phases,
                           "threads_s": per_process(mode, "threads"), "subprocess_s": per_process(mode, "children")}))  # fmt: skip
-    hot = per_process("castore-hot", "inclusive")
-    others = {m: per_process(m, "inclusive") for m in ("warm-local", "castore-hot+rtt")}
-    rows = sorted(hot, key=lambda k: -(hot[k] - max(o.get(k, 0.0) for o in others.values())))
-    print("main thread, inclusive seconds (medians per process): castore-hot, warm-local, castore-hot+rtt")
-    for key in rows[:30]:
-        print(f"  {hot[key]:7.2f} {others['warm-local'].get(key, 0.0):7.2f} {others['castore-hot+rtt'].get(key, 0.0):7.2f}  {key[:110]}")
+    base = per_process("warm-local", "inclusive")
+    for mode in modes:
+        if mode == "warm-local" or not profiles[mode]:
+            continue
+        mine = per_process(mode, "inclusive")
+        diff = {k: mine.get(k, 0.0) - base.get(k, 0.0) for k in set(mine) | set(base)}
+        ranked = sorted(diff, key=lambda k: -diff[k])
+        print(f"main thread, inclusive seconds (medians per process): {mode} against warm-local, most above and below")
+        for key in ranked[:25] + ranked[-25:]:
+            print(f"  {mine.get(key, 0.0):7.2f} {base.get(key, 0.0):7.2f}  {key[:120]}")
+    for mode in modes:
+        if profiles[mode]:
+            mine = per_process(mode, "inclusive")
+            print(f"main thread, {mode}: the 40 longest functions, inclusive seconds (median per process)")
+            for key in sorted(mine, key=lambda k: -mine[k])[:40]:
+                print(f"  {mine[key]:7.2f}  {key[:120]}")
 
 
 if __name__ == "__main__":
