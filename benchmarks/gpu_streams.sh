@@ -5,17 +5,30 @@
 #   source benchmarks/gpu_env.sh
 #   bash benchmarks/gpu_streams.sh OUTDIR DEADLINE_S "--models a:infer --modes ..." "--models b:train ..." ...
 # DEADLINE_S: no stream starts a process after this many seconds (each still writes its report).
+# A spec may hold several benchmarks separated by " ;; ": they run one after another in that stream, into the
+# same results (--append), e.g. other modes for another model.
 set -uo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 OUT="$1"; DEADLINE="$2"; shift 2
 GPUS="$(nvidia-smi -L 2>/dev/null | wc -l)"; [ "$GPUS" -gt 0 ] || GPUS=1
 mkdir -p "$OUT"
+START=$(date +%s)
+run_stream() {  # $1: stream index, $2: its spec
+  local dir="$OUT/s$1" first=1 part left
+  mkdir -p "$dir"
+  while IFS= read -r part; do
+    [ -n "${part// /}" ] || continue
+    left=$((DEADLINE - ($(date +%s) - START)))
+    [ "$left" -gt 0 ] || break
+    # shellcheck disable=SC2086 # each part is a list of arguments
+    CUDA_VISIBLE_DEVICES=$(($1 % GPUS)) python3 -m castore.bench.hot_load $part --device cuda --deadline "$left" \
+      --out "$dir" $([ "$first" = 1 ] || echo --append) >>"$dir/stdout.md" 2>>"$dir/stderr.log"
+    first=0
+  done < <(printf '%s\n' "$2" | sed 's/ ;; /\n/g')
+}
 i=0
 for spec in "$@"; do
-  dir="$OUT/s$i"; mkdir -p "$dir"
-  # shellcheck disable=SC2086 # each spec is a list of arguments
-  CUDA_VISIBLE_DEVICES=$((i % GPUS)) python3 -m castore.bench.hot_load $spec --device cuda --deadline "$DEADLINE" \
-    --out "$dir" >"$dir/stdout.md" 2>"$dir/stderr.log" &
+  run_stream "$i" "$spec" &
   i=$((i + 1))
 done
 wait
