@@ -3,6 +3,7 @@ castore-aot, the stored ahead-of-time function) under py-spy.
 
     python benchmarks/diag/profile_hot.py --model gpt2 --mode infer --device cuda --repeats 3 --out $OUT/prof
     python benchmarks/diag/profile_hot.py --model vit --mode infer --device cuda --modes warm-local,castore-aot
+    python benchmarks/diag/profile_hot.py --model llama --mode train --modes cold,cold-writer   # the writer's tax
 
 One cold process fills PyTorch's local caches, one castore-cold process a SeaweedFS bucket; then the three warm
 modes alternate (order rotated each repeat), each process sampled by ``py-spy record --threads --idle
@@ -29,7 +30,7 @@ from castore.bench.machines import castore_machine_env, plain_machine_env
 from castore.testing.faultproxy import FaultProxy
 from castore.testing.seaweedfs import SeaweedFS
 
-MODES = ["warm-local", "castore-hot", "castore-hot+rtt", "castore-aot"]
+MODES = ["warm-local", "castore-hot", "castore-hot+rtt", "castore-aot", "cold", "cold-writer"]
 _LINE = re.compile(r"^(.*) (\d+)$")
 _FRAME = re.compile(r"^(.*) \((.*?)(?::\d+)?\)$")  # "function (file:line)" -> function, file
 
@@ -90,8 +91,9 @@ def main() -> None:
     args = parse_model_args("cnn", "infer", repeats=(int, 2), rate=(int, 100), out=(str, None),
                             modes=(str, "warm-local,castore-hot,castore-hot+rtt"))
     modes = args.modes.split(",")
-    if "warm-local" not in modes or not set(modes) <= set(MODES):
-        raise SystemExit(f"--modes: warm-local and any of {', '.join(MODES)}")
+    base = "cold" if "cold-writer" in modes else "warm-local"  # what each mode is compared with
+    if base not in modes or not set(modes) <= set(MODES):
+        raise SystemExit(f"--modes: warm-local (or cold, with cold-writer) and any of {', '.join(MODES)}")
     out = args.out or tempfile.mkdtemp(prefix="castore-prof-")
     os.makedirs(out, exist_ok=True)
     spy = py_spy()
@@ -119,8 +121,9 @@ def main() -> None:
             return castore_machine_env(root, f"s3://{bucket}?endpoint={endpoint}", "prof", sw.env())
 
         cold_env = plain_machine_env(os.path.join(work, "cold"))
-        run("cold", demo, cold_env)
-        run("castore-cold", [*demo, "--castore"], castore_env(os.path.join(work, "castore-cold"), sw.endpoint))
+        if base == "warm-local":
+            run("cold", demo, cold_env)
+            run("castore-cold", [*demo, "--castore"], castore_env(os.path.join(work, "castore-cold"), sw.endpoint))
         if "castore-aot" in modes:
             run("castore-aot-cold", [*demo, "--aot"], castore_env(os.path.join(work, "castore-aot-cold"), sw.endpoint))
         for i in range(args.repeats):
@@ -128,17 +131,23 @@ def main() -> None:
                 profile = os.path.join(out, f"{mode}-{i}.txt")
                 if mode == "warm-local":
                     run(mode, demo, cold_env, profile)
+                elif mode == "cold":  # an empty machine each time
+                    run(mode, demo, plain_machine_env(os.path.join(work, f"{mode}-{i}")), profile)
+                elif mode == "cold-writer":  # castore writing into an empty prefix
+                    env = castore_machine_env(os.path.join(work, f"{mode}-{i}"), f"s3://{bucket}?endpoint={sw.endpoint}",
+                                              f"writer-{i}", sw.env())
+                    run(mode, [*demo, "--castore"], env, profile)
                 elif mode == "castore-aot":
                     run(mode, [*demo, "--aot"], castore_env(os.path.join(work, f"{mode}-{i}"), sw.endpoint), profile)
                 else:
                     endpoint = proxy.endpoint if mode.endswith("rtt") else sw.endpoint
                     run(mode, [*demo, "--castore"], castore_env(os.path.join(work, f"{mode}-{i}"), endpoint), profile)
     shutil.rmtree(work, ignore_errors=True)
-    report(modes, results, profiles)
+    report(modes, base, results, profiles)
     print("raw samples:", out)
 
 
-def report(modes: list[str], results: dict[str, list[dict]], profiles: dict[str, list[dict]]) -> None:
+def report(modes: list[str], base_mode: str, results: dict[str, list[dict]], profiles: dict[str, list[dict]]) -> None:
     def med(values: list[float]) -> float:
         return round(statistics.median(values), 3) if values else float("nan")
 
@@ -158,14 +167,14 @@ def report(modes: list[str], results: dict[str, list[dict]], profiles: dict[str,
         }
         print(json.dumps({"mode": mode, "processes": len(rs), "phases": phases,
                           "threads_s": per_process(mode, "threads"), "subprocess_s": per_process(mode, "children")}))  # fmt: skip
-    base = per_process("warm-local", "inclusive")
+    base = per_process(base_mode, "inclusive")
     for mode in modes:
-        if mode == "warm-local" or not profiles[mode]:
+        if mode == base_mode or not profiles[mode]:
             continue
         mine = per_process(mode, "inclusive")
         diff = {k: mine.get(k, 0.0) - base.get(k, 0.0) for k in set(mine) | set(base)}
         ranked = sorted(diff, key=lambda k: -diff[k])
-        print(f"main thread, inclusive seconds (medians per process): {mode} against warm-local, most above and below")
+        print(f"main thread, inclusive seconds (medians per process): {mode} against {base_mode}, most above and below")
         for key in ranked[:25] + ranked[-25:]:
             print(f"  {mine.get(key, 0.0):7.2f} {base.get(key, 0.0):7.2f}  {key[:120]}")
     for mode in modes:
