@@ -83,6 +83,28 @@ def _upload(session: StoreSession, cache: str, key: str, path: str) -> None:
     session.put_file(cache, key, path, meta={"artifact": cache, "filename": os.path.basename(path)})
 
 
+def _adopt_pch(built: str, target: str) -> bool:
+    """Give the header PyTorch just built castore's name, the only one this process compiles against: a rename,
+    not a copy (about 150 MB on the compile's path, and on the disk twice). PyTorch's own name is left without it;
+    only a process without castore asks for that one, and PyTorch builds it again there. True when ``target``
+    holds a header (ours, or one another process of this machine put there first); without one, the compiler
+    reads the plain header and the build is slower, not wrong."""
+    try:
+        os.replace(built, target)
+        return True
+    except FileNotFoundError:
+        return os.path.exists(target)  # another process of this machine renamed it first
+    except OSError:  # another filesystem, or no rights: a copy, as a last resort
+        try:
+            from castore.fsutil import copy_atomic
+
+            copy_atomic(built, target)
+            return True
+        except OSError as exc:
+            log.warning("castore: cannot keep the precompiled header %s: %s", target, exc)
+            return False
+
+
 def install(session: StoreSession, patches: Patches) -> None:
     """Hook Inductor's C++ builds as its modules are imported (cpp_builder, then codecache, which imports it)."""
     in_kernel_build = threading.local()  # the generic build hook leaves kernel builds (and their .o) to the other
@@ -151,10 +173,7 @@ def install(session: StoreSession, patches: Patches) -> None:
                         return
                     header, cmd_line, kwargs = pending[path]
                     built = build_pch(header, cmd_line, **kwargs)  # PyTorch's own build (-E, hash, -x c++-header)
-                    if os.path.exists(built + ".gch"):
-                        from castore.fsutil import copy_atomic
-
-                        copy_atomic(built + ".gch", gch)
+                    if _adopt_pch(built + ".gch", gch):
                         _upload(session, "cpp-pch", key, gch)
 
             patches.replace(codecache, "_precompile_header", lazy_precompile_header)
