@@ -5,12 +5,14 @@ castore-aot, the stored ahead-of-time function) under py-spy.
     python benchmarks/diag/profile_hot.py --model vit --mode infer --device cuda --modes warm-local,castore-aot
     python benchmarks/diag/profile_hot.py --model llama --mode train --modes cold,cold-writer   # the writer's tax
 
-One cold process fills PyTorch's local caches, one castore-cold process a SeaweedFS bucket; then the three warm
-modes alternate (order rotated each repeat), each process sampled by ``py-spy record --threads --idle
---subprocesses`` ($CASTORE_PY_SPY, else py-spy on PATH). Writes each process's raw samples under --out and
-prints, per mode: the phases demo_model reports, the seconds each thread of the measured process was sampled,
-the seconds sampled in its subprocesses by kind (idle included, as for threads), and the functions of the main
-thread whose inclusive time differs most between each mode and warm-local. Diagnostic only: no result is committed from it.
+One cold process fills PyTorch's local caches, one castore-cold process a SeaweedFS bucket (one castore-aot-cold
+too for castore-aot); then the chosen modes alternate (order rotated each repeat). With cold and cold-writer, each
+process starts from an empty machine and the writer from an empty prefix. Each measured process is sampled by
+``py-spy record --threads --idle --subprocesses`` ($CASTORE_PY_SPY, else py-spy on PATH). Writes each process's
+raw samples under --out and prints, per mode: the phases demo_model reports, the seconds each thread of the
+measured process was sampled, the seconds sampled in its subprocesses by kind (idle included, as for threads),
+the functions of the main thread whose inclusive time differs most between each mode and warm-local (or cold),
+and each mode's longest ones. A diagnostic: its printed report is evidence to read, not a benchmark result.
 """
 
 from __future__ import annotations
