@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from castore.errors import CastoreError
+from castore.torch import bytecode
 from castore.torch.fingerprint import Fingerprint, fingerprint, from_meta
 
 if TYPE_CHECKING:
@@ -191,9 +192,8 @@ def _namespaces(store: Store, wanted: list[str] | None, here_ns: str) -> list[st
 def diagnose(store: Store, *, namespaces: list[str] | None = None, bundle: str | None = None, here: Fingerprint | None = None,
              here_namespace: str | None = None, limit: int | None = DEFAULT_LIMIT) -> DoctorReport:
     """Compare this machine's fingerprint with the bundle's, or with the entries of the torch namespaces (the
-    ``limit`` most recent of each)."""
-    from castore.gc import read_manifests
-
+    ``limit`` most recent of each). The advice ends with what this machine's Python costs every fresh process
+    (castore.torch.bytecode), hit or miss."""
     here = dict(here if here is not None else fingerprint())
     if here_namespace is None:
         from castore.torch import default_namespace
@@ -201,8 +201,17 @@ def diagnose(store: Store, *, namespaces: list[str] | None = None, bundle: str |
         here_namespace = os.environ.get("CASTORE_NAMESPACE") or default_namespace()
     report = DoctorReport(url=store.url, here=here, namespace=here_namespace)
     if bundle is not None:
-        return _diagnose_bundle(store, report, bundle)
+        report = _diagnose_bundle(store, report, bundle)
+    else:
+        _diagnose_entries(store, report, namespaces, limit)
+    report.advice += bytecode.advice(bytecode.compiler_bytecode())  # a cost of every fresh process, hit or miss
+    return report
 
+
+def _diagnose_entries(store: Store, report: DoctorReport, namespaces: list[str] | None, limit: int | None) -> None:
+    from castore.gc import read_manifests
+
+    here, here_namespace = report.here, report.namespace
     by_env: dict[tuple[tuple[str, object], ...], tuple[Fingerprint, Counter[str]]] = {}
     for ns in _namespaces(store, namespaces, here_namespace):
         for record in read_manifests(store, ns, limit=limit):
@@ -220,7 +229,6 @@ def diagnose(store: Store, *, namespaces: list[str] | None = None, bundle: str |
         report.groups.append(EnvGroup(fp, sum(per_ns.values()), sorted(per_ns), compare(here, fp)))
     report.groups.sort(key=lambda g: (len(g.diffs), -g.entries))
     report.advice = _advice(report)
-    return report
 
 
 def _diagnose_bundle(store: Store, report: DoctorReport, name: str) -> DoctorReport:
