@@ -26,7 +26,7 @@ export CASTORE_REDIS_SERVER="$ROOT/.gpu/bin/redis-server"
 export LD_LIBRARY_PATH="$ROOT/.gpu/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 # The GPU image ships its packages without bytecode caches and sets PYTHONDONTWRITEBYTECODE: every process would
 # compile the Python sources of torch, Triton and transformers again (importing Dynamo and Inductor took 10 s there
-# instead of about 3). Compile them once per machine, as pip does when it installs a package.
+# instead of about 5). Compile them once per machine, as pip does when it installs a package.
 if [ ! -f /tmp/castore-bytecode.done ]; then
   _t0=$(date +%s)
   python3 -c "import sysconfig, site; print('\n'.join(sorted({sysconfig.get_path(k) for k in ('stdlib', 'purelib', 'platlib')} | set(site.getsitepackages()))))" \
