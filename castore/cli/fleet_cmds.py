@@ -229,6 +229,12 @@ def pull(ctx: click.Context, bundle: str, into: str, as_json: bool) -> None:
         "fallback_reads": report.fallback_reads,
         "seconds": round(time.monotonic() - started, 2),
     }
+    # A pull is usually a step of an image build: the moment to say the image would compile torch's sources again.
+    from castore.torch import bytecode  # reads file names only; torch is not imported
+
+    data["bytecode_advice"] = bytecode.advice(bytecode.compiler_bytecode())
+    for line in data["bytecode_advice"]:
+        click.echo(f"castore: {line}", err=True)
     emit(ctx, data, _render_pull)
 
 

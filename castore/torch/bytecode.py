@@ -5,8 +5,9 @@ A fresh process that compiles imports Dynamo, Inductor and Triton: hundreds of m
 ``pip install --no-compile`` (or stripped of ``__pycache__``) and run with ``PYTHONDONTWRITEBYTECODE=1`` (a common
 container setting) has no bytecode for them and may not write any, so every process compiles those sources again:
 on an H200 machine, importing Dynamo and Inductor took 10.1 to 10.6 s that way against 4.6 to 5.7 s with the
-bytecode compiled once (benchmarks/results/gpu-h200/bytecode-cached/). No cache of compiled artifacts saves that:
-``castore doctor`` names it, with the command that fixes it when the image is built.
+bytecode compiled once (benchmarks/results/gpu-h200/bytecode-cached/); where bytecode may be written, the first
+process of every fresh container still pays it. No cache of compiled artifacts saves that: ``castore doctor`` and
+``castore pull`` (a step of an image build) name it, with the command that fixes it when the image is built.
 
 Reads file names only: torch is not imported.
 """
@@ -31,8 +32,13 @@ class BytecodeState:
     writable: bool  # this process would write the missing ones (so the next process has them)
 
     @property
+    def missing(self) -> bool:
+        """Most of the checked modules have no bytecode: a fresh machine's processes compile their sources."""
+        return self.modules > 0 and self.cached < self.modules // 2
+
+    @property
     def recompiles_every_process(self) -> bool:
-        return self.modules > 0 and self.cached < self.modules // 2 and not self.writable
+        return self.missing and not self.writable
 
 
 def package_dir(name: str) -> str | None:
@@ -81,17 +87,20 @@ def compiler_bytecode() -> list[BytecodeState]:
 
 
 def advice(states: list[BytecodeState]) -> list[str]:
-    """One line naming the packages whose sources every process compiles again, with the fix; none when all is well."""
-    missing = [s for s in states if s.recompiles_every_process]
+    """One line naming the packages whose sources a fresh machine's processes compile again, with the fix; none when
+    all is well. Without bytecode in the image, a process that may write it still pays once per fresh container."""
+    missing = [s for s in states if s.missing]
     if not missing:
         return []
     what = ", ".join(f"{s.package} ({s.cached} of {s.modules} modules checked have bytecode)" for s in missing)
     dirs = " ".join(s.directory for s in missing)
-    return [
-        f"Python bytecode: {what}, and this process may not write it (PYTHONDONTWRITEBYTECODE, python -B, or a "
-        f"read-only install): every process compiles the compiler's sources again, seconds before its first "
-        f"compile. Compile them when the image is built: {sys.executable} -m compileall -q {dirs}"
-    ]
+    if any(s.recompiles_every_process for s in missing):
+        who = ("and this process may not write it (PYTHONDONTWRITEBYTECODE, python -B, or a read-only install): "
+               "every process compiles the compiler's sources again")
+    else:
+        who = "so the first process of every fresh machine or container compiles the compiler's sources again"
+    return [f"Python bytecode: {what}, {who}, seconds before its first compile. "
+            f"Compile them when the image is built: {sys.executable} -m compileall -q {dirs}"]
 
 
 __all__ = ["BytecodeState", "advice", "check", "compiler_bytecode", "package_dir"]
