@@ -5,8 +5,9 @@
 Each round starts one process per way, alternated: ``serial`` imports torch, builds the model (weights moved to the
 device) and then imports what a compile needs; ``overlap`` starts those imports on a thread right after torch's import
 and joins it after the build. Prints, per model and way, the median seconds from process start to "ready to
-compile", to "built", and the paired overlap/serial ratio. Also prints whether Python's bytecode cache of torch is
-on disk and writable (a missing one makes every import compile its source). Diagnostic only.
+compile", to "built", and the paired overlap/serial ratio. Also prints how many of the compiler's modules have
+bytecode here and whether this Python may write it (castore.torch.bytecode; without it every import compiles its
+source). Diagnostic only.
 """
 
 from __future__ import annotations
@@ -51,14 +52,15 @@ print(json.dumps({"torch": t_torch, "built": t_built, "ready": t_ready}), flush=
 
 
 def bytecode_state() -> dict[str, object]:
-    code = (
-        "import json, os, sys, torch; d = os.path.dirname(torch.__file__); p = os.path.join(d, '_inductor', '__pycache__');"
-        "print(json.dumps({'python': sys.version.split()[0], 'dont_write_bytecode': sys.flags.dont_write_bytecode,"
-        "'pycache_prefix': sys.pycache_prefix, 'torch_dir_writable': os.access(d, os.W_OK),"
-        "'inductor_pycs': len(os.listdir(p)) if os.path.isdir(p) else 0}))"
-    )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
-    state = json.loads(out.stdout.strip().splitlines()[-1]) if out.returncode == 0 else {"error": out.stderr[-500:]}
+    """This interpreter's bytecode for the compiler's packages (castore.torch.bytecode, what castore doctor checks),
+    and the seconds three fresh processes took to import Dynamo and Inductor."""
+    from castore.torch import bytecode
+
+    state: dict[str, object] = {
+        "python": sys.version.split()[0],
+        "dont_write_bytecode": sys.flags.dont_write_bytecode,
+        "packages": {s.package: {"modules": s.modules, "cached": s.cached, "writable": s.writable} for s in bytecode.compiler_bytecode()},
+    }
     times = []
     for _ in range(3):
         t0 = time.time()
