@@ -39,4 +39,6 @@ def run_demo(name: str, argv: list[str], env: dict[str, str], timeout: float = 9
 
 
 def print_phases(name: str, result: dict[str, Any]) -> None:
-    print(name, result["seconds_to_first_output"], result["seconds_import"], result["seconds_compile"], flush=True)
+    gc = result.get("gc") or {}
+    print(name, result["seconds_to_first_output"], result["seconds_import"], result["seconds_compile"],
+          f"gc {gc.get('seconds')} (compile {gc.get('seconds_compile')}, {gc.get('tracked_objects')} objects)", flush=True)

@@ -133,6 +133,48 @@ def _proc_stat(path: str) -> tuple[str, float]:
 THREAD_CPU = ThreadCpu()
 
 
+class GcTime:
+    """Seconds the cyclic garbage collector ran in this process, per generation, and how often: a process that
+    holds more objects (a client library's tables, a store's state) makes every full collection slower, and
+    tracing a model allocates enough to run many. Timed through ``gc.callbacks`` from install() on."""
+
+    def __init__(self) -> None:
+        self.seconds = [0.0, 0.0, 0.0]
+        self.collections = [0, 0, 0]
+        self._started: float | None = None
+
+    def install(self) -> None:
+        import gc
+
+        gc.callbacks.append(self._callback)
+
+    def _callback(self, phase: str, info: dict[str, Any]) -> None:
+        if phase == "start":
+            self._started = time.perf_counter()
+        elif self._started is not None:
+            generation = min(int(info.get("generation", 0)), 2)
+            self.seconds[generation] += time.perf_counter() - self._started
+            self.collections[generation] += 1
+            self._started = None
+
+    def snapshot(self, count_objects: bool = True) -> dict[str, Any]:
+        """Totals so far; ``count_objects`` also counts the objects the collector tracks (a few ms per million:
+        left out inside a timed phase)."""
+        import gc
+
+        totals: dict[str, Any] = {
+            "seconds": round(sum(self.seconds), 3),
+            "seconds_by_generation": [round(s, 3) for s in self.seconds],
+            "collections": list(self.collections),
+        }
+        if count_objects:
+            totals["tracked_objects"] = len(gc.get_objects())
+        return totals
+
+
+GC_TIME = GcTime()
+
+
 def cpu_seconds() -> dict[str, Any]:
     """CPU seconds (user + system) used so far by this process, by the threads it started (``ThreadCpu``) and by
     its live descendants (Inductor's compile workers, which nobody waits for). Beside the wall times they tell

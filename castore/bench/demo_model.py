@@ -27,7 +27,7 @@ import os  # noqa: E402
 import sys  # noqa: E402
 from typing import Any  # noqa: E402
 
-from castore.bench.counters import THREAD_CPU, count_lines, cpu_seconds, install_autotune_counters, install_ptxas_counter  # noqa: E402
+from castore.bench.counters import GC_TIME, THREAD_CPU, count_lines, cpu_seconds, install_autotune_counters, install_ptxas_counter  # noqa: E402
 from castore.bench.models import CPU_MODELS, MODELS, ModelSpecError, build_runs, compile_kwargs, is_factory, logits  # noqa: E402
 
 
@@ -86,6 +86,7 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"--model {args.model!r}: one of {', '.join(MODELS)}, or FILE.py:FUNCTION / MODULE:FUNCTION")
     sys.path[:0] = args.sys_path
     THREAD_CPU.install()  # before torch's import, where castore's autoload starts its threads
+    GC_TIME.install()
 
     cuda = args.device.startswith("cuda")
     ptxas_count_file = install_ptxas_counter() if cuda else None
@@ -107,6 +108,7 @@ def main(argv: list[str] | None = None) -> None:
     if cuda:
         torch.cuda.synchronize()
     t_compile = time.time()
+    gc_before_compile = GC_TIME.snapshot(count_objects=False)
     megacache_load = None
     if args.load_megacache:
         with open(args.load_megacache, "rb") as f:
@@ -130,6 +132,7 @@ def main(argv: list[str] | None = None) -> None:
     if cuda:
         torch.cuda.synchronize()
     t_first = time.time()
+    gc_total = GC_TIME.snapshot()
     cpu = cpu_seconds()
 
     from torch._dynamo.utils import counters
@@ -163,6 +166,8 @@ def main(argv: list[str] | None = None) -> None:
         "compile_steps": {k: [round(total, 3), n] for k, total, n in timed_steps[:30]},
         "inductor_counters": dict(counters["inductor"]),
         "cpu_seconds": cpu,
+        # the collector's time to the first output, and the compile phase's part; objects tracked at the end
+        "gc": {**gc_total, "seconds_compile": round(gc_total["seconds"] - gc_before_compile["seconds"], 3)},
     }
     if cuda:
         result["triton_compiles"] = count_lines(ptxas_count_file)
