@@ -40,5 +40,7 @@ def run_demo(name: str, argv: list[str], env: dict[str, str], timeout: float = 9
 
 def print_phases(name: str, result: dict[str, Any]) -> None:
     gc = result.get("gc") or {}
+    cpu = result.get("cpu_seconds") or {}
     print(name, result["seconds_to_first_output"], result["seconds_import"], result["seconds_compile"],
-          f"gc {gc.get('seconds')} (compile {gc.get('seconds_compile')}, {gc.get('tracked_objects')} objects)", flush=True)
+          f"gc {gc.get('seconds')} (compile {gc.get('seconds_compile')}, {gc.get('tracked_objects')} objects)",
+          f"cpu {cpu.get('self')} (main thread {cpu.get('main_thread')}, compile workers {cpu.get('descendants')})", flush=True)

@@ -196,8 +196,12 @@ def cpu_seconds() -> dict[str, Any]:
             grew = bool(new)
     except (OSError, ValueError, IndexError):
         descendants = None
+    main = time.thread_time() if threading.current_thread() is threading.main_thread() else None
     return {
         "self": round(mine.user + mine.system, 3),
+        # the main thread's own: beside the named threads, the rest of "self" is native threads (CUDA's, a client
+        # library's runtime)
+        "main_thread": None if main is None else round(main, 3),
         "threads": THREAD_CPU.snapshot(),
         "descendants": None if descendants is None else round(descendants, 3),
     }
