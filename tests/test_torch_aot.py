@@ -133,6 +133,11 @@ def test_a_fresh_machine_loads_the_stored_function_and_compiles_nothing(publishe
     assert result["key"] == ci["key"] and result["digest"] == ci["digest"] and result["max_abs_diff"] < 1e-5
     assert not compiled_nothing(result), compiled_nothing(result)
     assert compiled_nothing(ci), "the writer must have compiled (else this test proves nothing)"
+    # The load ran with the cyclic collector held off (the young generation's pass right after is its return) and
+    # left it on; the writer's compile ran with it, full passes included.
+    print(f"collections in aot_compile: fresh {result['gc_collections_in_aot_compile']}, writer {ci['gc_collections_in_aot_compile']}")
+    assert result["gc_collections_in_aot_compile"][1:] == [0, 0] and result["gc_enabled_after"], result
+    assert ci["gc_collections_in_aot_compile"][2] > 0 and ci["gc_enabled_after"], ci
     kept, dropped = result["guards"]["kept"], result["guards"]["dropped"]
     assert kept.get("TENSOR_MATCH") and kept.get("GLOBAL_STATE") and kept.get("SHAPE_ENV"), kept
     assert dropped.get("MODULE_MATCH"), dropped  # the globals' guards: objects of the writer's process

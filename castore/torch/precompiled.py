@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from castore.torch.aot_key import MAX_META_TEXT, AotKey, _digest
+from castore.torch import collector
 from castore.torch.aot_key import compute_key as _compute_key
 
 log = logging.getLogger("castore.torch")
@@ -400,20 +401,23 @@ def aot_compile(target: Any, example_args: tuple[Any, ...] | Any = (), example_k
         return PrecompiledFunction(target, key, "fallback", reason=reason, dynamic=dynamic, options=options,
                                    seconds=time.monotonic() - started)  # fmt: skip
 
-    try:
-        key = compute_key(target, args, kwargs, dynamic=dynamic, options=options)
-    except Exception as exc:  # noqa: BLE001 - a target castore cannot describe is one it must not store
-        return fallback(None, f"cannot compute its key: {type(exc).__name__}: {exc}")
-    session = _session()
-    data = session.get(CACHE, key.key) if session is not None else None
-    if data is not None:
-        loaded = _load_stored(target, key, data, name)
-        if isinstance(loaded, str):  # recorded as not serializable
-            return fallback(key, loaded)
-        if loaded is not None:
-            compiled, header = loaded
-            return PrecompiledFunction(target, key, "store", compiled, guards=header.get("guards"), dynamic=dynamic,
-                                       options=options, seconds=time.monotonic() - started)  # fmt: skip
+    # The key (its environment imports Inductor), the lookup and the load make objects that live on: the cyclic
+    # collector is held off until they are done (collector.py). A compile below makes garbage: it runs with it.
+    with collector.paused():
+        try:
+            key = compute_key(target, args, kwargs, dynamic=dynamic, options=options)
+        except Exception as exc:  # noqa: BLE001 - a target castore cannot describe is one it must not store
+            return fallback(None, f"cannot compute its key: {type(exc).__name__}: {exc}")
+        session = _session()
+        data = session.get(CACHE, key.key) if session is not None else None
+        if data is not None:
+            loaded = _load_stored(target, key, data, name)
+            if isinstance(loaded, str):  # recorded as not serializable
+                return fallback(key, loaded)
+            if loaded is not None:
+                compiled, header = loaded
+                return PrecompiledFunction(target, key, "store", compiled, guards=header.get("guards"),
+                                           dynamic=dynamic, options=options, seconds=time.monotonic() - started)  # fmt: skip
     guards = GuardRecord()
     try:
         compiled, payload = compile_ahead(target, args, kwargs, dynamic=dynamic, options=options, guards=guards)

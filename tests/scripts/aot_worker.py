@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import importlib.util
 import json
@@ -43,9 +44,17 @@ def main() -> None:
             for p in net.parameters():
                 p.mul_(float(os.environ["AOT_SCALE_WEIGHTS"]))
     castore.torch.install()
+    collections = [0, 0, 0]  # automatic or explicit collections during aot_compile, by generation
+
+    def count(phase: str, info: dict) -> None:
+        if phase == "start":
+            collections[min(int(info["generation"]), 2)] += 1
+
     with torch.set_grad_enabled(train):
         expected = net(*inputs).detach()  # eager
+        gc.callbacks.append(count)
         compiled = castore.torch.aot_compile(net, inputs)
+        gc.callbacks.remove(count)
         out = compiled(*inputs)
         if train:
             out.float().pow(2).mean().backward()
@@ -82,6 +91,8 @@ def main() -> None:
         "compiler_runs": artifacts.compiler_runs,
         "stats": castore.torch.stats(),
         "namespace": session.namespace,
+        "gc_collections_in_aot_compile": collections,
+        "gc_enabled_after": gc.isenabled(),
     }), flush=True)
 
 
