@@ -35,8 +35,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from castore.torch.aot_key import MAX_META_TEXT, AotKey, _digest
 from castore.torch import collector
+from castore.torch.aot_key import MAX_META_TEXT, AotKey, _digest
 from castore.torch.aot_key import compute_key as _compute_key
 
 log = logging.getLogger("castore.torch")
