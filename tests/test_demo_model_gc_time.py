@@ -7,6 +7,9 @@ import json
 import subprocess
 import sys
 import textwrap
+from typing import Any
+
+import pytest
 
 SCRIPT = textwrap.dedent(
     """
@@ -36,9 +39,14 @@ SCRIPT = textwrap.dedent(
 )
 
 
-def test_gc_time_counts_collections_by_generation_and_the_objects_tracked():
+@pytest.fixture(scope="module")
+def report() -> dict[str, Any]:
+    """One run of the script, read by both tests."""
     out = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, timeout=60, check=True)
-    report = json.loads(out.stdout)
+    return json.loads(out.stdout)
+
+
+def test_gc_time_counts_collections_by_generation_and_the_objects_tracked(report: dict[str, Any]):
     before, after = report["before"], report["after"]
     assert "tracked_objects" not in before  # left out on request: it walks the heap
     assert after["collections"][2] >= before["collections"][2] + 3  # the three full collections
@@ -48,8 +56,7 @@ def test_gc_time_counts_collections_by_generation_and_the_objects_tracked():
     assert after["tracked_objects"] >= 300_000
 
 
-def test_cpu_seconds_reports_the_main_threads_own_time_apart_from_other_threads():
-    out = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, timeout=60, check=True)
-    cpu = json.loads(out.stdout)["cpu"]
+def test_cpu_seconds_reports_the_main_threads_own_time_apart_from_other_threads(report: dict[str, Any]):
+    cpu = report["cpu"]
     assert cpu["main_thread"] >= 0.2
     assert cpu["self"] >= cpu["main_thread"] + 0.25  # the worker's 0.3 s is the process's, not the main thread's
