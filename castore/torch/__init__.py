@@ -58,7 +58,7 @@ def install(url: str | None = None, *, config: Config | None = None, namespace: 
         finally:
             _installing.active = False
 
-        from castore.torch import artifacts, autotune_fixes, compile_activity, isa_probe, remote_caches
+        from castore.torch import artifacts, autotune_fixes, compile_activity, isa_probe, remote_caches, source_keys
 
         session = StoreSession(config, namespace or os.environ.get("CASTORE_NAMESPACE") or default_namespace())
         # Every patch waits for PyTorch to import its module (import_hooks): a process that imports torch but never
@@ -70,6 +70,7 @@ def install(url: str | None = None, *, config: Config | None = None, namespace: 
         autotune_fixes.install(session, patches)
         isa_probe.install(session, patches)
         compile_activity.install(session.write_gate, patches)
+        source_keys.install(patches, os.path.join(config.cache_dir, "source-keys"), session.stats.source_keys)
         exported = job_environment(config, session.namespace)
         saved_env = {name: os.environ.get(name) for name, value in exported.items() if os.environ.get(name) != value}
         saved_path = list(sys.path)

@@ -31,6 +31,7 @@ class SessionStats:
     install_seconds: float = 0.0  # castore.torch.install() in this process (hooks, and the torch modules they patch)
     store_open_seconds: float = 0.0  # opening the store (for s3://, the HTTP client and credentials)
     writes_held_seconds: float = 0.0  # time background writes waited for a compile to pause (compile_activity)
+    source_keys: dict[str, str] = field(default_factory=dict)  # torch_key/triton_key: stored, thread, computed, set
 
     def to_dict(self) -> dict[str, object]:
         return {
@@ -41,4 +42,5 @@ class SessionStats:
             "install_seconds": round(self.install_seconds, 3),
             "store_open_seconds": round(self.store_open_seconds, 3),
             "writes_held_seconds": round(self.writes_held_seconds, 3),
+            "source_keys": dict(self.source_keys),
         }
