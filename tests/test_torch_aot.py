@@ -138,6 +138,11 @@ def test_a_fresh_machine_loads_the_stored_function_and_compiles_nothing(publishe
     print(f"collections in aot_compile: fresh {result['gc_collections_in_aot_compile']}, writer {ci['gc_collections_in_aot_compile']}")
     assert result["gc_collections_in_aot_compile"][1:] == [0, 0] and result["gc_enabled_after"], result
     assert ci["gc_collections_in_aot_compile"][2] > 0 and ci["gc_enabled_after"], ci
+    # So did the loaded function's first call, under thresholds that make every generation collect at once; the
+    # writer's first call (of a function it compiled) runs with the collector.
+    print(f"collections in the first call: fresh {result['gc_collections_in_first_call']}, writer {ci['gc_collections_in_first_call']}")
+    assert result["gc_collections_in_first_call"][1:] == [0, 0], result
+    assert ci["gc_collections_in_first_call"][1] > 0, ci
     kept, dropped = result["guards"]["kept"], result["guards"]["dropped"]
     assert kept.get("TENSOR_MATCH") and kept.get("GLOBAL_STATE") and kept.get("SHAPE_ENV"), kept
     assert dropped.get("MODULE_MATCH"), dropped  # the globals' guards: objects of the writer's process

@@ -311,6 +311,9 @@ class PrecompiledFunction:
         self._fallback: Any = None
         self._fallback_lock = threading.Lock()
         self._checks_guards = False
+        # A loaded function's first call finishes its load (Inductor's kernels are set up as they are first run):
+        # like the load, it runs with the cyclic collector held off.
+        self._first_call = source == "store"
         self._self_arg = plan_for(target).self_arg
         if compiled is not None and hasattr(compiled, "guard_check") and hasattr(compiled, "disable_guard_check"):
             compiled.disable_guard_check()  # checked here instead, to run torch.compile on a mismatch
@@ -336,6 +339,10 @@ class PrecompiledFunction:
             log.info("castore: %s: the ahead-of-time compiled function's guards reject these inputs (%s); using "
                      "torch.compile from now on", describe_target(self.target), _guard_failure(compiled, full, kwargs))  # fmt: skip
             return self._torch_compiled()(*args, **kwargs)
+        if self._first_call:
+            self._first_call = False
+            with collector.paused():
+                return compiled(*full, **kwargs)
         return compiled(*full, **kwargs)
 
     def __repr__(self) -> str:

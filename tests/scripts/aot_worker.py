@@ -50,12 +50,25 @@ def main() -> None:
         if phase == "start":
             collections[min(int(info["generation"]), 2)] += 1
 
+    first_call = [0, 0, 0]  # the same during the compiled function's first call, the collector made eager
+
+    def count_first(phase: str, info: dict) -> None:
+        if phase == "start":
+            first_call[min(int(info["generation"]), 2)] += 1
+
     with torch.set_grad_enabled(train):
         expected = net(*inputs).detach()  # eager
         gc.callbacks.append(count)
         compiled = castore.torch.aot_compile(net, inputs)
         gc.callbacks.remove(count)
-        out = compiled(*inputs)
+        thresholds = gc.get_threshold()
+        gc.set_threshold(50, 1, 1)  # a pass of every generation every few allocations, were it on
+        gc.callbacks.append(count_first)
+        try:
+            out = compiled(*inputs)
+        finally:
+            gc.callbacks.remove(count_first)
+            gc.set_threshold(*thresholds)
         if train:
             out.float().pow(2).mean().backward()
     grads = [p.grad for p in net.parameters() if p.grad is not None]
@@ -92,6 +105,7 @@ def main() -> None:
         "stats": castore.torch.stats(),
         "namespace": session.namespace,
         "gc_collections_in_aot_compile": collections,
+        "gc_collections_in_first_call": first_call,
         "gc_enabled_after": gc.isenabled(),
     }), flush=True)
 
