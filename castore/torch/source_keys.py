@@ -260,14 +260,13 @@ def _remember(patches: Patches, memo: KeyMemo, module: ModuleType, name: str, fi
     original = module.__dict__.get(name)
     if original is None or isinstance(original, RememberedKey) or not callable(original):
         return None
-    taken = _Fingerprint(fingerprint_of, background=not memo.holds(name))
-    value = None
-    if memo.holds(name) and taken.get():
-        stored = memo.get(name, taken.get())
-        try:
-            value = decode(stored) if stored is not None else None
-        except ValueError:
-            value = None
+    holds = memo.holds(name)
+    taken = _Fingerprint(fingerprint_of, background=not holds)
+    stored = memo.get(name, taken.get()) if holds and taken.get() else None
+    try:
+        value = decode(stored) if stored is not None else None
+    except ValueError:
+        value = None
 
     def store(data: bytes) -> None:
         if taken.get():
@@ -348,6 +347,7 @@ def install(patches: Patches, folder: str, report: dict[str, str] | None = None)
         import torch
 
         root = os.path.dirname(os.path.abspath(torch.__file__))
+
         def print_() -> str:
             return fingerprint("torch_key " + torch.__version__, root, _torch_key_files(root))
 
