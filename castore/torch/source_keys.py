@@ -71,8 +71,7 @@ class KeyMemo:
         if not 0 < len(value) <= MAX_VALUE_BYTES:
             return
         try:
-            os.makedirs(self.folder, exist_ok=True)
-            write_atomic(self._path(name, fingerprint), value)
+            write_atomic(self._path(name, fingerprint), value)  # creates the folder
         except OSError as exc:  # a read-only or full disk: the next process computes the key again
             log.debug("castore: could not store %s: %s", name, exc)
 
