@@ -44,17 +44,18 @@ def main() -> None:
             for p in net.parameters():
                 p.mul_(float(os.environ["AOT_SCALE_WEIGHTS"]))
     castore.torch.install()
-    collections = [0, 0, 0]  # automatic or explicit collections during aot_compile, by generation
+    def counter(into: list[int]):  # a gc callback counting collections by generation
+        def count(phase: str, info: dict) -> None:
+            if phase == "start":
+                into[min(int(info["generation"]), 2)] += 1
 
-    def count(phase: str, info: dict) -> None:
-        if phase == "start":
-            collections[min(int(info["generation"]), 2)] += 1
+        return count
+
+    collections = [0, 0, 0]  # automatic or explicit collections during aot_compile, by generation
+    count = counter(collections)
 
     first_call = [0, 0, 0]  # the same during the compiled function's first call, the collector made eager
-
-    def count_first(phase: str, info: dict) -> None:
-        if phase == "start":
-            first_call[min(int(info["generation"]), 2)] += 1
+    count_first = counter(first_call)
 
     with torch.set_grad_enabled(train):
         expected = net(*inputs).detach()  # eager
