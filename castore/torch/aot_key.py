@@ -14,6 +14,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+from castore.torch.package_versions import package_version
+
 KEY_PREFIX = "aot."
 RECIPE = 1  # version of what the key covers: a change misses every artifact written before
 MAX_META_TEXT = 2000  # longest text of one manifest field
@@ -48,37 +50,6 @@ def _file_digest(path: str) -> str | None:
             return hashlib.sha256(f.read()).hexdigest()
     except OSError:
         return None
-
-
-@functools.cache
-def _package_version(top: str) -> str | None:
-    """The installed distribution of a top-level package, as NAME==VERSION (None for code outside any)."""
-    from importlib import metadata
-
-    try:
-        return f"{top}=={metadata.version(top)}"
-    except metadata.PackageNotFoundError:
-        pass
-    except Exception:  # noqa: BLE001 - broken metadata: the file digests still cover the code
-        return None
-    names = _packages_distributions().get(top) or []
-    found = []
-    for name in sorted(set(names)):
-        try:
-            found.append(f"{name}=={metadata.version(name)}")
-        except Exception:  # noqa: BLE001, PERF203
-            continue
-    return ",".join(found) or None
-
-
-@functools.cache
-def _packages_distributions() -> dict[str, list[str]]:
-    from importlib import metadata
-
-    try:
-        return dict(metadata.packages_distributions())
-    except Exception:  # noqa: BLE001
-        return {}
 
 
 def _code_of(obj: Any) -> str:
@@ -157,7 +128,7 @@ def code_identity(target: Any) -> tuple[str, str]:
         parts.append(f"function {name}: {_code_of(fn)} {_bound_values(fn)}")
         if module and not _is_torch(module):
             packages.add(module.split(".", 1)[0])
-    versions = sorted(v for v in (_package_version(p) for p in packages if p not in ("__main__",)) if v)
+    versions = sorted(v for v in (package_version(p) for p in packages if p not in ("__main__",)) if v)
     parts.append("packages " + " ".join(versions))
     shown = ", ".join(names[:8]) + (f" and {len(names) - 8} more" if len(names) > 8 else "")
     return "\n".join(parts), shown + (f"; {', '.join(versions)}" if versions else "")
