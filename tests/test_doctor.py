@@ -130,6 +130,32 @@ def test_entries_record_their_writers_fingerprint(here) -> None:  # noqa: ANN001
     assert meta["torch"] == here["torch"]  # the older fields stay
 
 
+def test_the_recorded_fingerprint_follows_config_changes_and_is_not_recomputed_between_them(monkeypatch) -> None:  # noqa: ANN001
+    """Every put records the fingerprint; it is computed again only when a setting (or the ISA) changed."""
+    import torch._inductor.config as inductor_config
+
+    from castore.torch import fingerprint as fp_module
+    from castore.torch.remote_caches import session_meta
+
+    computed = []
+    real = fp_module.fingerprint
+    monkeypatch.setattr(fp_module, "fingerprint", lambda: computed.append(1) or real())
+    first = session_meta()
+    n = len(computed)
+    assert session_meta() == first and len(computed) == n  # nothing changed: the recorded fields again
+    with inductor_config.patch(max_autotune=not inductor_config.max_autotune):
+        flagged = session_meta()
+    assert flagged["env.flag.inductor.max_autotune"] != first["env.flag.inductor.max_autotune"]
+    with inductor_config.patch(epilogue_fusion=not inductor_config.epilogue_fusion):  # behind the hash only
+        hashed = session_meta()
+    assert hashed["env.inductor_config_hash"] != first["env.inductor_config_hash"]
+    assert hashed["env.inductor_changed"] != first["env.inductor_changed"]
+    # Back to the defaults: the same fields but the lists of changed settings, which name a setting once set at all.
+    back = session_meta()
+    assert {k: v for k, v in back.items() if not k.endswith("_changed")} == {k: v for k, v in first.items() if not k.endswith("_changed")}
+    assert back == fp_module.as_meta() | {k: v for k, v in back.items() if not k.startswith("env.")}
+
+
 @pytest.mark.slow
 def test_the_isa_read_without_compiling_is_the_one_inductor_picks() -> None:
     """Writers record Inductor's pick (probed while compiling); doctor reads it without compiling: they agree."""

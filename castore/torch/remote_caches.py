@@ -86,9 +86,9 @@ def session_meta() -> dict[str, object]:
 def _fingerprint_meta() -> dict[str, object]:
     """This machine's environment fingerprint as env.* fields (what ``castore doctor`` compares); never fails a put."""
     try:
-        from castore.torch.fingerprint import as_meta
+        from castore.torch.fingerprint import current_meta
 
-        return as_meta()
+        return current_meta()
     except Exception as exc:  # noqa: BLE001 - the fingerprint is a diagnosis aid only
         log.debug("castore: no environment fingerprint: %s", exc)
         return {}
