@@ -29,7 +29,7 @@ sys.path.insert(0, str(SCRIPTS))
 from exit_after_put import payload  # noqa: E402
 
 TRIALS = int(os.environ.get("CASTORE_EXIT_TRIALS", "5"))
-COMPILE_RUNS = int(os.environ.get("CASTORE_EXIT_COMPILE_RUNS", "20"))
+COMPILE_RUNS = int(os.environ.get("CASTORE_EXIT_COMPILE_RUNS", "12"))
 BIG = 2 << 20
 
 
