@@ -111,3 +111,44 @@ def test_dynamo_reports_its_compiles_to_the_installed_session(tmp_path: Path, mo
     import torch._dynamo
 
     assert session.write_gate.compile_started not in torch._dynamo.callback_handler.start_callbacks  # undone
+
+
+@pytest.mark.torch
+def test_a_triton_kernel_tuned_at_its_first_run_holds_writes_like_a_compile(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Autotuning and coordinate-descent tuning run when a kernel first runs, after Dynamo's compile has ended."""
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    from torch._inductor.runtime import triton_heuristics as th
+
+    import castore.torch
+    from castore.torch.compile_activity import RUNTIME_TUNING
+
+    seen: dict[str, int] = {}
+    gate_of: list[WriteGate] = []
+
+    def recorder(name: str):  # noqa: ANN202
+        def method(self, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
+            seen[name] = gate_of[0]._compiling
+            if args and args[0] == "fail":
+                raise RuntimeError("benchmark failed")
+            return name
+
+        return method
+
+    for name in RUNTIME_TUNING:  # what PyTorch's methods would do, observed from inside
+        monkeypatch.setattr(th.CachingAutotuner, name, recorder(name))
+    session = castore.torch.install(f"file://{tmp_path}/store", cache_dir=str(tmp_path / "local"))
+    gate_of.append(session.write_gate)
+    try:
+        tuner = object.__new__(th.CachingAutotuner)
+        tuner.save_cache_hook = True  # not a kernel castore keeps winners of
+        for name in RUNTIME_TUNING:
+            assert getattr(tuner, name)() == name
+            assert seen[name] == 1 and session.write_gate._compiling == 0
+        last_end = session.write_gate._last_end
+        with pytest.raises(RuntimeError):
+            tuner.autotune_to_one_config("fail")
+        assert session.write_gate._compiling == 0 and session.write_gate._last_end >= last_end > 0
+    finally:
+        castore.torch.uninstall()
+    for name in RUNTIME_TUNING:
+        assert getattr(th.CachingAutotuner, name).__name__ == "method"  # undone

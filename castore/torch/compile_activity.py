@@ -4,8 +4,8 @@ The first machine of a fleet compiles and writes at once: chunking, hashing, com
 (a C++ precompiled header alone is about 150 MB) compete with the compile for the CPU and the interpreter lock.
 Held until the compile pauses, the same work runs after it: while the model runs, or at exit, where the session's
 flush waits for it (flush_timeout). Dynamo reports each compile's start and end, lazy backward compiles included
-(torch._dynamo.callback); a write is held at most ``max_hold`` seconds, so a compile that never pauses still
-has its entries written.
+(torch._dynamo.callback); the tuning of a Triton kernel at its first run counts as compiling too. A write is held
+at most ``max_hold`` seconds, so a compile that never pauses still has its entries written.
 """
 
 from __future__ import annotations
@@ -82,7 +82,8 @@ class WriteGate:
 
 
 def install(gate: WriteGate, patches: Patches) -> None:
-    """Feed Dynamo's compile start and end callbacks to the gate, once torch._dynamo is imported."""
+    """Feed Dynamo's compile start and end callbacks to the gate, once torch._dynamo is imported, and hold writes
+    while a Triton kernel is tuned at its first run."""
 
     def on_dynamo(dynamo: ModuleType) -> None:
         handler = getattr(dynamo, "callback_handler", None)
@@ -94,6 +95,32 @@ def install(gate: WriteGate, patches: Patches) -> None:
         patches.on_undo(lambda: _unregister(handler, gate))
 
     patches.on_import("torch._dynamo", on_dynamo)
+
+    def on_triton_heuristics(th: ModuleType) -> None:
+        cls = getattr(th, "CachingAutotuner", None)
+        for name in RUNTIME_TUNING:
+            current = getattr(cls, name, None) if cls is not None else None
+            if current is not None:
+                patches.replace(cls, name, _held_while(gate, current))
+
+    patches.on_import("torch._inductor.runtime.triton_heuristics", on_triton_heuristics)
+
+
+# A Triton kernel with several configs is benchmarked when it first runs, after Dynamo reported its compile's end:
+# the writes that compile queued would otherwise run beside the benchmarks (the CPU, the interpreter lock).
+RUNTIME_TUNING = ("autotune_to_one_config", "coordinate_descent_tuning")
+
+
+def _held_while(gate: WriteGate, method: Any) -> Any:
+    def tuning(self: Any, *args: Any, **kwargs: Any) -> Any:
+        gate.compile_started()
+        try:
+            return method(self, *args, **kwargs)
+        finally:
+            gate.compile_ended()
+
+    tuning.__name__ = tuning.__qualname__ = getattr(method, "__name__", "tuning")
+    return tuning
 
 
 def _unregister(handler: Any, gate: WriteGate) -> None:
