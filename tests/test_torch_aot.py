@@ -399,6 +399,23 @@ def test_closure_values_and_module_attributes_are_part_of_the_key() -> None:
     assert compute_key(a, (x,), {}).components["parameters"] != compute_key(b, (x,), {}).components["parameters"]
 
 
+@pytest.mark.torch
+def test_a_mode_is_keyed_as_the_options_it_stands_for_and_cannot_be_given_with_options() -> None:
+    import torch
+    from torch._inductor import list_mode_options
+
+    import castore.torch
+    from castore.torch.precompiled import compute_key, mode_options
+
+    autotune = mode_options("max-autotune-no-cudagraphs")
+    assert autotune == dict(list_mode_options("max-autotune-no-cudagraphs")) and autotune
+    assert mode_options("default") is None
+    x = torch.randn(2)
+    assert compute_key(torch_function, (x,), {}, options=autotune).key != compute_key(torch_function, (x,), {}).key
+    with pytest.raises(ValueError, match="not both"):
+        castore.torch.aot_compile(torch_function, (x,), mode="max-autotune", options={"max_autotune": True})
+
+
 def test_a_trace_that_asks_to_restart_is_traced_again_and_one_that_never_settles_raises() -> None:
     # With dynamic shapes Dynamo may restart its analysis (a Python float turned into a tensor): torch.compile
     # retries on its own, aot_compile raises it to the caller.

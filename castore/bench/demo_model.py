@@ -212,13 +212,8 @@ def _aot_compile(net: Any, example: Any, args: argparse.Namespace) -> tuple[Any,
 
     inputs, kwargs = call_inputs(example, args)
     compile_args = compile_kwargs(args.model)
-    options = None
-    if "mode" in compile_args:  # torch.compile's mode= is a set of Inductor options
-        from torch._inductor import list_mode_options
-
-        options = list_mode_options(compile_args["mode"])
     with torch.set_grad_enabled(args.mode == "train"):
-        fn = castore.torch.aot_compile(net, inputs, kwargs, dynamic=compile_args.get("dynamic"), options=options)
+        fn = castore.torch.aot_compile(net, inputs, kwargs, dynamic=compile_args.get("dynamic"), mode=compile_args.get("mode"))
     info = {"source": fn.source, "reason": fn.reason, "seconds": round(fn.seconds, 3), "key": fn.key}
     return fn, info
 

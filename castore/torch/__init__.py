@@ -135,12 +135,12 @@ def _export_environment(env: dict[str, str]) -> None:
 
 
 def aot_compile(target: Any, example_args: Any = (), example_kwargs: dict[str, Any] | None = None, *,
-                dynamic: bool | None = None, options: dict[str, Any] | None = None) -> Any:
+                dynamic: bool | None = None, mode: str | None = None, options: dict[str, Any] | None = None) -> Any:
     """Load ``target``'s ahead-of-time compiled function from the store, or compile, publish and return it
     (castore.torch.precompiled.aot_compile: a fresh machine skips Dynamo's trace as well as Inductor)."""
     from castore.torch import precompiled
 
-    return precompiled.aot_compile(target, example_args, example_kwargs, dynamic=dynamic, options=options)
+    return precompiled.aot_compile(target, example_args, example_kwargs, dynamic=dynamic, mode=mode, options=options)
 
 
 def install_from_environment() -> StoreSession | None:

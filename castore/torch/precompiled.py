@@ -387,18 +387,30 @@ def _manifest_meta(key: AotKey, target: Any, header: dict[str, Any]) -> dict[str
     return meta
 
 
+def mode_options(mode: str) -> dict[str, Any] | None:
+    """torch.compile's ``mode`` as the Inductor options it stands for: what the key covers, and what a fallback
+    passes to torch.compile (None for the default mode)."""
+    from torch._inductor import list_mode_options
+
+    return dict(list_mode_options(mode)) or None
+
+
 def aot_compile(target: Any, example_args: tuple[Any, ...] | Any = (), example_kwargs: dict[str, Any] | None = None, *,
-                dynamic: bool | None = None, options: dict[str, Any] | None = None) -> PrecompiledFunction:  # fmt: skip
+                dynamic: bool | None = None, mode: str | None = None,
+                options: dict[str, Any] | None = None) -> PrecompiledFunction:  # fmt: skip
     """Load ``target``'s ahead-of-time compiled function from the store, or compile it, publish it and return it.
 
     ``target`` is an ``nn.Module`` (call the result with the forward's arguments; see :func:`plan_for`), a
     module's method, or a function. ``example_args`` / ``example_kwargs`` are the inputs it will be called with:
     shapes, dtypes and devices are part of the key, and so are the grad mode and autocast state of the caller
-    (compile under ``torch.no_grad()`` what you will run under it). ``dynamic`` and ``options`` are
-    ``torch.compile``'s. Never raises for store problems; where the target cannot be compiled ahead of time,
-    the result runs ``torch.compile(target, dynamic=dynamic, options=options)`` and says why (one log line).
+    (compile under ``torch.no_grad()`` what you will run under it). ``dynamic``, ``mode`` and ``options`` are
+    ``torch.compile``'s (a mode is keyed as the options it stands for; giving both is a ValueError, as there).
+    Never raises for store problems; where the target cannot be compiled ahead of time, the result runs
+    ``torch.compile(target, dynamic=dynamic, options=options)`` and says why (one log line).
     """
     started = time.monotonic()
+    if mode is not None and options is not None:
+        raise ValueError("aot_compile takes mode= or options=, not both (as torch.compile)")
     args = tuple(example_args) if isinstance(example_args, (tuple, list)) else (example_args,)
     kwargs = dict(example_kwargs or {})
     name = describe_target(target)
@@ -411,6 +423,8 @@ def aot_compile(target: Any, example_args: tuple[Any, ...] | Any = (), example_k
     # The key (its environment imports Inductor), the lookup and the load make objects that live on: the cyclic
     # collector is held off until they are done (collector.py). A compile below makes garbage: it runs with it.
     with collector.paused():
+        if mode is not None:  # imports Inductor: with the collector held off too
+            options = mode_options(mode)
         try:
             key = compute_key(target, args, kwargs, dynamic=dynamic, options=options)
         except Exception as exc:  # noqa: BLE001 - a target castore cannot describe is one it must not store
