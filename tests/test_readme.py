@@ -124,7 +124,8 @@ def test_the_wider_model_set_tables_agree_with_the_committed_json() -> None:
                   "The eight CPU models with the collector held off during an ahead-of-time load",
                   "The eight GPU models with Triton's source key off the main thread",
                   "The eight CPU models with the source keys and the first call's collector pause",
-                  "Ahead-of-time loads and the writer on one H200, one benchmark alone"):  # fmt: skip
+                  "Ahead-of-time loads and the writer on one H200, one benchmark alone",
+                  "The eight CPU models with the key's package lookup and each put's fingerprint once per setting"):  # fmt: skip
         text = page[page.index(f"\n## {title}") :]
         text = text[: text.find("\n## ", 1)]
         parts = re.split(r"\[JSON\]\(\.\./(benchmarks/results/[\w./-]+\.json)\)", text)
@@ -144,4 +145,4 @@ def test_the_wider_model_set_tables_agree_with_the_committed_json() -> None:
                         f"{writer['median']:.3f}, {row['compile_paired_over_cold']['median']:.3f}" if writer else "–"]  # fmt: skip
                 assert cells[2:] == want, (title, cells)
                 checked += 1
-    assert checked >= 276
+    assert checked >= 356
