@@ -164,15 +164,19 @@ def _scalar(value: Any) -> str | int | float | bool | None:
     return value if value is None or isinstance(value, (str, int, float, bool)) else repr(value)
 
 
+def _flags() -> dict[str, str | int | float | bool | None]:
+    """The named compile settings, as fingerprint fields."""
+    flags = {f"flag.inductor.{n}": _scalar(_config_value("torch._inductor.config", n)) for n in INDUCTOR_FLAGS}
+    flags.update({f"flag.functorch.{n}": _scalar(_config_value("torch._functorch.config", n)) for n in FUNCTORCH_FLAGS})
+    return flags
+
+
 def fingerprint() -> Fingerprint:
     """This machine's fingerprint now (the flags are read at each call: a process may change them)."""
     fp: Fingerprint = dict(_static())
     fp["cpu_isa"] = cpu_isa()
     fp["aten_cpu_capability"] = os.environ.get("ATEN_CPU_CAPABILITY", "")
-    for name in INDUCTOR_FLAGS:
-        fp[f"flag.inductor.{name}"] = _scalar(_config_value("torch._inductor.config", name))
-    for name in FUNCTORCH_FLAGS:
-        fp[f"flag.functorch.{name}"] = _scalar(_config_value("torch._functorch.config", name))
+    fp.update(_flags())
     fp["inductor_config_hash"] = _config_hash("torch._inductor.config")
     fp["functorch_config_hash"] = _config_hash("torch._functorch.config")
     fp["inductor_changed"] = _changed("torch._inductor.config")
@@ -215,8 +219,7 @@ def _config_stamp() -> tuple[Any, ...] | None:
         if get_hash is None:
             return None
         stamp.append(get_hash())
-    stamp.extend(_scalar(_config_value("torch._inductor.config", n)) for n in INDUCTOR_FLAGS)
-    stamp.extend(_scalar(_config_value("torch._functorch.config", n)) for n in FUNCTORCH_FLAGS)
+    stamp.extend(_flags().values())
     return tuple(stamp)
 
 
