@@ -320,7 +320,7 @@ def parse_args(argv: list[str] | None, results_root: str = DEFAULT_RESULTS_ROOT)
         "FILE.py:FUNCTION or MODULE:FUNCTION (FUNCTION() returns (module, example inputs)); default per device: "
         + ",".join(CPU_MODELS) + " | " + ",".join(GPU_MODELS),
     )
-    p.add_argument("--modes", help="comma-separated subset of " + ",".join(MODES) + " (cold and warm-local are always run)")
+    p.add_argument("--modes", help="comma-separated subset of " + ",".join(MODES) + " (cold always runs, and warm-local with any mode but cold-writer)")
     p.add_argument("--repeats", type=int, default=3, help="processes per mode and model (default 3)")
     p.add_argument("--cold-repeats", type=int, help="cold processes per model (default: --repeats); the rest of the repeats reuse the last cold run's caches")
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu or cuda")
@@ -392,7 +392,9 @@ def main(argv: list[str] | None = None, results_root: str = DEFAULT_RESULTS_ROOT
     unknown = set(modes) - set(MODES)
     if unknown:
         raise SystemExit(f"unknown modes: {', '.join(sorted(unknown))} (choose from {', '.join(MODES)})")
-    modes = [m for m in MODES if m in set(modes) | {"cold", "warm-local"}]
+    # warm-local is the reference of every mode but the writer's, whose reference is cold
+    references = {"cold", "warm-local"} if set(modes) - {"cold", "cold-writer"} else {"cold"}
+    modes = [m for m in MODES if m in set(modes) | references]
     opts.out = os.path.abspath(opts.out or os.path.join(results_root, slug))
     os.makedirs(opts.out, exist_ok=True)
     raw_dir = os.path.join(opts.out, "raw")
