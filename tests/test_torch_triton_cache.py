@@ -12,6 +12,7 @@ import pytest
 import castore.torch as castore_torch
 from castore.config import load_config
 from castore.torch import triton_cache
+from castore.torch.compile_activity import WriteGate, _held_while, tuning_in_this_thread
 from castore.torch.session import StoreSession
 from castore.torch.triton_cache import CastoreTritonCacheManager, decode_group, encode_group, store_key
 
@@ -62,6 +63,30 @@ def test_a_fresh_machine_gets_a_compiled_kernel_group_from_the_bucket(tmp_path: 
     # The group is now in this node's Triton dir: the next process does not ask the store.
     again = CastoreTritonCacheManager(KEY).get_group("triton_poi_0.json")
     assert again == group
+    assert b.session.stats.caches["triton"].hits == 1
+
+
+def test_the_configs_a_kernel_tunes_over_are_not_asked_of_the_store(tmp_path: Path, s3_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A kernel is tuned only when its autotune result was not found: the candidates it compiles meanwhile are
+    compiled, not looked up (a round trip each); the same kernel compiled outside tuning is fetched."""
+    a, b = Machine(tmp_path / "a", s3_url), Machine(tmp_path / "b", s3_url)
+    a.activate(monkeypatch)
+    compile_like_triton(CastoreTritonCacheManager(KEY), "triton_red_0", b"\x7fELF cubin" * 100)
+    assert a.session.flush(30)
+
+    b.activate(monkeypatch)
+    looked_up: list[object] = []
+
+    def coordinate_descent_tuning(self: object) -> None:  # what tuning does: compile a candidate config
+        looked_up.append(CastoreTritonCacheManager(KEY).get_group("triton_red_0.json"))
+
+    tune = _held_while(WriteGate(), coordinate_descent_tuning)
+    tune(object())
+    assert looked_up == [None]
+    counts = b.session.stats.caches.get("triton")
+    assert counts is None or counts.hits + counts.misses == 0, "no store request while tuning"
+    assert not tuning_in_this_thread()
+    assert CastoreTritonCacheManager(KEY).get_group("triton_red_0.json") is not None  # outside tuning: fetched
     assert b.session.stats.caches["triton"].hits == 1
 
 

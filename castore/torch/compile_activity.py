@@ -110,13 +110,23 @@ def install(gate: WriteGate, patches: Patches) -> None:
 # the writes that compile queued would otherwise run beside the benchmarks (the CPU, the interpreter lock).
 RUNTIME_TUNING = ("autotune_to_one_config", "coordinate_descent_tuning")
 
+_tuning = threading.local()
+
+
+def tuning_in_this_thread() -> bool:
+    """True inside a kernel's tuning (RUNTIME_TUNING) on this thread. A kernel is tuned only when no autotune
+    result for it was found, so the candidate configs it compiles meanwhile were not published either."""
+    return getattr(_tuning, "depth", 0) > 0
+
 
 def _held_while(gate: WriteGate, method: Any) -> Any:
     def tuning(self: Any, *args: Any, **kwargs: Any) -> Any:
         gate.compile_started()
+        _tuning.depth = getattr(_tuning, "depth", 0) + 1
         try:
             return method(self, *args, **kwargs)
         finally:
+            _tuning.depth -= 1
             gate.compile_ended()
 
     tuning.__name__ = tuning.__qualname__ = getattr(method, "__name__", "tuning")

@@ -93,6 +93,16 @@ def _active_session():  # noqa: ANN202 - castore.torch.session.StoreSession | No
         return None
 
 
+def _worth_asking() -> bool:
+    """Whether a local miss is worth a store request. Not for the candidate configs a kernel's tuning compiles:
+    it tunes because its autotune result was not found, so no machine published them, and each request is a
+    round trip on the tuning's critical path (24 of them in a max-autotune MLP's first run). The configs a warm
+    start compiles from a stored winner are compiled outside tuning, and still asked for."""
+    from castore.torch.compile_activity import tuning_in_this_thread
+
+    return not tuning_in_this_thread()
+
+
 class CastoreTritonCacheManager(_TritonCacheManager):  # type: ignore[misc,valid-type]
     """Triton's file cache layout and semantics, with the store behind it (see the module docstring)."""
 
@@ -146,7 +156,7 @@ class CastoreTritonCacheManager(_TritonCacheManager):  # type: ignore[misc,valid
     # -- CacheManager --------------------------------------------------------------------------------------------
     def get_file(self, filename: str) -> str | None:
         path = self._local_file(filename)
-        if path is None and self._remote and filename.endswith(_LAUNCHER_SUFFIXES):
+        if path is None and self._remote and filename.endswith(_LAUNCHER_SUFFIXES) and _worth_asking():
             session = _active_session()
             data = session.get(CACHE_NAME, store_key(self.key, filename)) if session else None
             if data is not None:
@@ -164,7 +174,7 @@ class CastoreTritonCacheManager(_TritonCacheManager):  # type: ignore[misc,valid
 
     def get_group(self, filename: str) -> dict[str, str] | None:
         group = self._local_group(filename)
-        if group is not None or not self._remote:
+        if group is not None or not self._remote or not _worth_asking():
             return group
         session = _active_session()
         if session is None:
