@@ -7,30 +7,21 @@
 # DEADLINE_S: no stream starts a process after this many seconds (each still writes its report).
 # A spec may hold several benchmarks separated by " ;; ": they run one after another in that stream, into the
 # same results (--append), e.g. other modes for another model.
-# PIN_STREAMS=N: stream i runs on the i-th of N equal slices of the CPU cores (taskset) with as many compile workers,
-# so streams on a host of N GPUs each see what a one-GPU machine with that many cores gives one benchmark.
 set -uo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 OUT="$1"; DEADLINE="$2"; shift 2
 GPUS="$(nvidia-smi -L 2>/dev/null | wc -l)"; [ "$GPUS" -gt 0 ] || GPUS=1
 mkdir -p "$OUT"
 START=$(date +%s)
-CORES="$(nproc --all)"
 run_stream() {  # $1: stream index, $2: its spec
   local dir="$OUT/s$1" first=1 part left
   mkdir -p "$dir"
-  local pin=()
-  if [ "${PIN_STREAMS:-0}" -gt 0 ]; then
-    local per=$((CORES / PIN_STREAMS))
-    pin=(taskset -c "$(($1 * per))-$(($1 * per + per - 1))")
-    export TORCHINDUCTOR_COMPILE_THREADS=$per
-  fi
   while IFS= read -r part; do
     [ -n "${part// /}" ] || continue
     left=$((DEADLINE - ($(date +%s) - START)))
     [ "$left" -gt 0 ] || break
     # shellcheck disable=SC2086 # each part is a list of arguments
-    CUDA_VISIBLE_DEVICES=$(($1 % GPUS)) "${pin[@]}" python3 -m castore.bench.hot_load $part --device cuda --deadline "$left" \
+    CUDA_VISIBLE_DEVICES=$(($1 % GPUS)) python3 -m castore.bench.hot_load $part --device cuda --deadline "$left" \
       --out "$dir" $([ "$first" = 1 ] || echo --append) >>"$dir/stdout.md" 2>>"$dir/stderr.log"
     first=0
   done < <(printf '%s\n' "$2" | sed 's/ ;; /\n/g')
