@@ -116,3 +116,13 @@ def test_no_help_text_speaks_of_development_history(tmp_path: Path) -> None:
     ).stdout
     assert all(text.strip() for text in texts.values()), texts
     assert {name: DEVELOPMENT_HISTORY.findall(text) for name, text in texts.items() if DEVELOPMENT_HISTORY.search(text)} == {}
+
+
+def test_bench_runs_each_mode_with_its_reference_and_the_writer_alone_without_warm_local() -> None:
+    from castore.bench.modes import modes_to_run
+
+    assert modes_to_run(["castore-aot"]) == ["cold", "warm-local", "castore-aot"]
+    assert modes_to_run(["cold-writer", "castore-hot"]) == ["cold", "cold-writer", "warm-local", "castore-hot"]
+    assert modes_to_run(["cold-writer"]) == modes_to_run(["cold", "cold-writer"]) == ["cold", "cold-writer"]
+    with pytest.raises(ValueError, match="unknown modes: hot"):
+        modes_to_run(["hot"])

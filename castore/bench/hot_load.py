@@ -51,6 +51,7 @@ from castore.bench.modes import (
     REDIS_FLAGS,
     Run,
     model_slug,
+    modes_to_run,
     resolve_model_spec,
     run_of,
     split_model_spec,
@@ -389,12 +390,10 @@ def main(argv: list[str] | None = None, results_root: str = DEFAULT_RESULTS_ROOT
         opts.repeats = 1
     opts.cold_repeats = max(1, min(opts.cold_repeats or opts.repeats, opts.repeats))
     modes = [m.strip() for m in opts.modes.split(",")] if opts.modes else list(QUICK_MODES if opts.quick else MODES)
-    unknown = set(modes) - set(MODES)
-    if unknown:
-        raise SystemExit(f"unknown modes: {', '.join(sorted(unknown))} (choose from {', '.join(MODES)})")
-    # warm-local is the reference of every mode but the writer's, whose reference is cold
-    references = {"cold", "warm-local"} if set(modes) - {"cold", "cold-writer"} else {"cold"}
-    modes = [m for m in MODES if m in set(modes) | references]
+    try:
+        modes = modes_to_run(modes)
+    except ValueError as exc:
+        raise SystemExit(str(exc)) from None
     opts.out = os.path.abspath(opts.out or os.path.join(results_root, slug))
     os.makedirs(opts.out, exist_ok=True)
     raw_dir = os.path.join(opts.out, "raw")

@@ -27,6 +27,16 @@ DEDUP_VARIANTS = {  # (layers, batch): one model, two depths and two batch sizes
 }
 REDIS_FLAGS = ("TORCHINDUCTOR_FX_GRAPH_REMOTE_CACHE", "TORCHINDUCTOR_AUTOGRAD_REMOTE_CACHE", "TORCHINDUCTOR_AUTOTUNE_REMOTE_CACHE")
 BREAKER_MESSAGE = "compiling without the store"  # castore's log line when its circuit breaker opens
+def modes_to_run(requested: list[str]) -> list[str]:
+    """The requested modes with their references, in MODES order: cold always; warm-local, the reference of every
+    mode but the writer's (whose reference is cold), unless only cold-writer was asked for."""
+    unknown = set(requested) - set(MODES)
+    if unknown:
+        raise ValueError(f"unknown modes: {', '.join(sorted(unknown))} (choose from {', '.join(MODES)})")
+    references = {"cold", "warm-local"} if set(requested) - {"cold", "cold-writer"} else {"cold"}
+    return [m for m in MODES if m in set(requested) | references]
+
+
 MODE_DESCRIPTIONS = {  # for --help
     "cold": "no caches anywhere; also saves a MegaCache bundle",
     "cold-writer": "cold, with castore on and writing into an empty bucket (what the first machine of a fleet pays)",
