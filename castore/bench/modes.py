@@ -27,6 +27,8 @@ DEDUP_VARIANTS = {  # (layers, batch): one model, two depths and two batch sizes
 }
 REDIS_FLAGS = ("TORCHINDUCTOR_FX_GRAPH_REMOTE_CACHE", "TORCHINDUCTOR_AUTOGRAD_REMOTE_CACHE", "TORCHINDUCTOR_AUTOTUNE_REMOTE_CACHE")
 BREAKER_MESSAGE = "compiling without the store"  # castore's log line when its circuit breaker opens
+
+
 def modes_to_run(requested: list[str]) -> list[str]:
     """The requested modes with their references, in MODES order: cold always; warm-local, the reference of every
     mode but the writer's (whose reference is cold), unless only cold-writer was asked for."""
