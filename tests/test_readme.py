@@ -132,7 +132,8 @@ def test_the_wider_model_set_tables_agree_with_the_committed_json() -> None:
                   "The eight CPU models with the source keys and the first call's collector pause",
                   "Ahead-of-time loads and the writer on one H200, one benchmark alone",
                   "The eight CPU models with the key's package lookup and each put's fingerprint once per setting",
-                  "The writer's tax for the eight GPU models, one benchmark alone on one H200"):  # fmt: skip
+                  "The writer's tax for the eight GPU models, one benchmark alone on one H200",
+                  "The eight CPU models, every mode, four rounds"):  # fmt: skip
         text = page[page.index(f"\n## {title}") :]
         text = text[: text.find("\n## ", 1)]
         parts = re.split(r"\[JSON\]\(\.\./(benchmarks/results/[\w./-]+\.json)\)", text)
