@@ -150,10 +150,24 @@ def test_the_recorded_fingerprint_follows_config_changes_and_is_not_recomputed_b
         hashed = session_meta()
     assert hashed["env.inductor_config_hash"] != first["env.inductor_config_hash"]
     assert hashed["env.inductor_changed"] != first["env.inductor_changed"]
-    # Back to the defaults: the same fields but the lists of changed settings, which name a setting once set at all.
+    # Back to the defaults: the same fields, the lists of changed settings included.
     back = session_meta()
-    assert {k: v for k, v in back.items() if not k.endswith("_changed")} == {k: v for k, v in first.items() if not k.endswith("_changed")}
+    assert back == first
     assert back == fp_module.as_meta() | {k: v for k, v in back.items() if not k.startswith("env.")}
+
+
+def test_a_setting_assigned_its_default_value_is_not_named_as_changed(monkeypatch) -> None:  # noqa: ANN001
+    """PyTorch assigns some settings their default while it compiles (deterministic): a machine that compiled does
+    not differ from one that did not."""
+    import torch._inductor.config as inductor_config
+
+    from castore.torch.fingerprint import fingerprint
+
+    before = fingerprint()["inductor_changed"]
+    monkeypatch.setattr(inductor_config, "deterministic", inductor_config._config["deterministic"].default)
+    assert fingerprint()["inductor_changed"] == before
+    monkeypatch.setattr(inductor_config, "deterministic", not inductor_config._config["deterministic"].default)
+    assert "deterministic" in json.loads(fingerprint()["inductor_changed"])
 
 
 @pytest.mark.slow

@@ -156,8 +156,21 @@ def _changed(module_name: str) -> str:
         changed = module._get_dict(skip_default=True)
     except Exception:  # noqa: BLE001 - a torch without these
         return ""
-    values = {k: v for k, v in changed.items() if k in portable and k.rsplit(".", 1)[-1] not in _CASTORE_SWITCHES}
+    # PyTorch assigns some settings their default value while it compiles (deterministic, comprehensive_padding):
+    # set is not changed, or a machine would differ from the bucket's writers only for having compiled.
+    entries = getattr(module, "_config", {})
+    values = {
+        k: v for k, v in changed.items()
+        if k in portable and k.rsplit(".", 1)[-1] not in _CASTORE_SWITCHES and not _is_default(entries.get(k), v)
+    }
     return json.dumps(values, sort_keys=True, default=repr)[:MAX_CHANGED_CHARS]
+
+
+def _is_default(entry: Any, value: Any) -> bool:
+    try:
+        return entry is not None and bool(entry.default == value)
+    except Exception:  # noqa: BLE001 - a default that cannot be compared: keep the setting
+        return False
 
 
 def _scalar(value: Any) -> str | int | float | bool | None:
