@@ -156,8 +156,8 @@ def _changed(module_name: str) -> str:
         changed = module._get_dict(skip_default=True)
     except Exception:  # noqa: BLE001 - a torch without these
         return ""
-    # PyTorch assigns some settings their default value while it compiles (deterministic, comprehensive_padding):
-    # set is not changed, or a machine would differ from the bucket's writers only for having compiled.
+    # PyTorch assigns some settings their default value while it compiles (deterministic, comprehensive_padding).
+    # Only a value unlike the default counts, or a machine would differ from the writers only for having compiled.
     entries = getattr(module, "_config", {})
     values = {
         k: v for k, v in changed.items()
