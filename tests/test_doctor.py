@@ -156,18 +156,20 @@ def test_the_recorded_fingerprint_follows_config_changes_and_is_not_recomputed_b
     assert back == fp_module.as_meta() | {k: v for k, v in back.items() if not k.startswith("env.")}
 
 
-def test_a_setting_assigned_its_default_value_is_not_named_as_changed(monkeypatch) -> None:  # noqa: ANN001
+def test_a_setting_assigned_its_default_value_is_not_named_as_changed() -> None:
     """PyTorch assigns some settings their default while it compiles (deterministic): a machine that compiled does
     not differ from one that did not."""
     import torch._inductor.config as inductor_config
 
     from castore.torch.fingerprint import fingerprint
 
+    default = inductor_config._config["deterministic"].default
     before = fingerprint()["inductor_changed"]
-    monkeypatch.setattr(inductor_config, "deterministic", inductor_config._config["deterministic"].default)
-    assert fingerprint()["inductor_changed"] == before
-    monkeypatch.setattr(inductor_config, "deterministic", not inductor_config._config["deterministic"].default)
-    assert "deterministic" in json.loads(fingerprint()["inductor_changed"])
+    with inductor_config.patch(deterministic=default):
+        assert "deterministic" in inductor_config._get_dict(skip_default=True)  # set, to its default
+        assert fingerprint()["inductor_changed"] == before
+    with inductor_config.patch(deterministic=not default):
+        assert "deterministic" in json.loads(fingerprint()["inductor_changed"])
 
 
 @pytest.mark.slow
