@@ -204,10 +204,10 @@ def test_fresh_machine_compiles_nothing(
 ) -> None:
     cold: Run = populated["cold"]
     assert cold.result["compiler_runs"] > 0, "the cold compile must have compiled C++ (else this test proves nothing)"
-    # The precompiled header (about 150 MB) is kept once, under castore's name, not also under PyTorch's.
+    # The precompiled header (about 150 MB) is on the disk once: castore's name and PyTorch's are one file.
     headers = [p for p in populated["machine"].tmp.rglob("*.gch") if p.is_file()]
     if cold.cache("cpp-pch").get("puts", 0):
-        assert [p.parent.name for p in headers] == ["castore"], headers
+        assert "castore" in [p.parent.name for p in headers] and len({p.stat().st_ino for p in headers}) == 1, headers
     assert cold.result["counters"]["inductor"].get("fxgraph_cache_miss", 0) >= 1
     assert cold.cache("fx-graph").get("puts", 0) >= 1 and cold.cache("aot-autograd").get("puts", 0) >= 1
     assert cold.cache("cpp-kernel").get("puts", 0) >= 1

@@ -84,17 +84,26 @@ def _upload(session: StoreSession, cache: str, key: str, path: str) -> None:
 
 
 def _adopt_pch(built: str, target: str) -> bool:
-    """Give the header PyTorch just built castore's name, the only one this process compiles against: a rename,
-    not a copy (about 150 MB on the compile's path, and on the disk twice). PyTorch's own name is left without it;
-    only a process without castore asks for that one, and PyTorch builds it again there. True when ``target``
-    holds a header (ours, or one another process of this machine put there first); without one, the compiler
-    reads the plain header and the build is slower, not wrong."""
+    """Give the header PyTorch just built castore's name, the only one this process compiles against: a hard link,
+    not a copy (about 150 MB on the compile's path, and on the disk twice). PyTorch's own name keeps it, so a process
+    of this machine running without castore does not build it again. Where a link cannot be made, a rename, and a
+    copy as a last resort. True when ``target`` holds a header (ours, or one another process of this machine named
+    first); without one, the compiler reads the plain header and the build is slower, not wrong."""
+    try:
+        os.link(built, target)
+        return True
+    except FileExistsError:
+        return True  # another process of this machine named it first (only ever a whole file: link, rename, copy)
+    except FileNotFoundError:
+        return os.path.exists(target)
+    except OSError:  # a filesystem without hard links, or no rights
+        pass
     try:
         os.replace(built, target)
         return True
     except FileNotFoundError:
         return os.path.exists(target)  # another process of this machine renamed it first
-    except OSError:  # another filesystem, or no rights: a copy, as a last resort
+    except OSError:  # another filesystem: a copy
         try:
             from castore.fsutil import copy_atomic
 
