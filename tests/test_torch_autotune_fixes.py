@@ -19,7 +19,7 @@ pytest.importorskip("torch")
 import torch._inductor.runtime.triton_heuristics as th  # noqa: E402
 
 from castore.config import load_config  # noqa: E402
-from castore.torch import autotune_fixes  # noqa: E402
+from castore.torch import autotune_fixes, remote_caches  # noqa: E402
 from castore.torch.import_hooks import Patches  # noqa: E402
 from castore.torch.session import StoreSession  # noqa: E402
 
@@ -149,6 +149,102 @@ def test_rblock_scaling_is_skipped_after_an_autotune_cache_hit(tmp_path: Path, i
     assert tuner.compile_results == ["winner"]
 
 
+class TritonConfig:
+    """Triton's Config as Inductor's autotune cache uses it (Triton cannot be imported here). Like Triton's, a copy
+    made by pickle keeps only its own fields: an attribute Inductor set on it (found_by_coordesc) is lost."""
+
+    def __init__(self, kwargs: dict[str, Any], num_warps: int = 4, num_stages: int = 1, **_: Any) -> None:
+        self.kwargs, self.num_warps, self.num_stages = dict(kwargs), num_warps, num_stages
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"kwargs": self.kwargs, "num_warps": self.num_warps, "num_stages": self.num_stages}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(**state)  # type: ignore[misc]
+
+
+def _machine(tmp_path: Path, name: str, url: str, undo: list[Patches]) -> StoreSession:
+    """A process of a fresh machine: its own local layer, castore's fixes and remote caches installed."""
+    for patches in undo:
+        patches.undo()
+    undo.clear()
+    session = _session(tmp_path / name, url)
+    patches = Patches()
+    autotune_fixes.install(session, patches)
+    remote_caches.install(session, patches)
+    undo.append(patches)
+    return session
+
+
+def test_a_kernel_built_from_an_autotune_hit_finds_its_winner_when_reloaded(tmp_path: Path, s3_url: str,
+                                                                            monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    """Machine A tunes a kernel (coordinate descent) and stores the winner. Machine B compiles the same kernel
+    later: its autotune-cache hit builds it with the winner alone, and that autotuner is what B's FX or
+    ahead-of-time entry carries. Machine C loads the entry: the winner must be found, marked as coordinate
+    descent's, so that C does not tune again."""
+    import pickle
+
+    import torch._inductor.runtime.autotune_cache as autotune_cache
+
+    monkeypatch.setattr(autotune_cache, "Config", TritonConfig)  # what a stored winner is rebuilt as
+    meta = {"coordinate_descent_tuning": True, "autotune_remote_cache": True, "autotune_local_cache": True,
+            "backend_hash": "b" * 64, "kernel_name": "triton_per_fused_add_0"}  # fmt: skip
+    candidates = [TritonConfig({"XBLOCK": 128, "R0_BLOCK": 8}, 4)]
+    winner = TritonConfig({"XBLOCK": 64, "R0_BLOCK": 16}, 8)  # found by coordinate descent: not a candidate
+    kernel_file = "cq7xkzr3vbkq4bthv2dhq4q2vy5l6q3vbjd5wtimvxgrwiyocsyu.py"  # named by its source's hash
+    undo: list[Patches] = []
+    try:
+        a = _machine(tmp_path, "a", s3_url, undo)
+        tuned = autotune_cache.AutotuneCache.create(meta, str(tmp_path / "a-inductor" / "cq" / kernel_file),
+                                                    th.hash_configs(candidates))  # fmt: skip
+        assert tuned is not None
+        tuned.save(winner, 1_000_000, found_by_coordesc=True)
+        assert a.flush(30)
+
+        _machine(tmp_path, "b", s3_url, undo)
+        configs, own_cache, info = th.check_autotune_cache(candidates, str(tmp_path / "b-inductor" / "cq" / kernel_file), meta)
+        assert info["autotune_cache_state"] == "hit" and len(configs) == 1 and own_cache is not None
+        compiled = object.__new__(th.StaticTritonCompileResult)  # a statically launchable kernel's result
+        compiled.config = configs[0]
+        built = object.__new__(th.CachingAutotuner)
+        built.__dict__.update(filename=str(tmp_path / "b-inductor" / "cq" / kernel_file), inductor_meta=meta,
+                              compile_results=[compiled], save_cache_hook=own_cache.save, autotune_cache_info=info,
+                              launchers=[])  # fmt: skip
+        entry = pickle.dumps(built)  # the copy B's FX or ahead-of-time entry carries
+
+        _machine(tmp_path, "c", s3_url, undo)
+        loaded = pickle.loads(entry)
+        assert not getattr(loaded.compile_results[0].config, "found_by_coordesc", False)  # lost in the copy
+        before = autotune_fixes.counters["rechecks_own_cache"]
+        loaded.recheck_autotune_cache(reload_kernel_from_src=lambda: pytest.fail("the winner was compiled already"))
+        (kept,) = loaded.compile_results
+        assert th.triton_config_to_hashable(kept.config) == th.triton_config_to_hashable(winner)
+        assert kept.config.found_by_coordesc is True, "coordinate descent would run again on this machine"
+        assert loaded.autotune_cache_info["autotune_cache_state"] == "hit"
+        assert autotune_fixes.counters["rechecks_own_cache"] == before + 1
+    finally:
+        for patches in undo:
+            patches.undo()
+
+
+def test_a_kernel_compiled_with_all_its_candidates_is_rechecked_by_pytorch(tmp_path: Path) -> None:
+    """Where the compiled configs are the candidates, PyTorch's recheck looks under the right key: castore does
+    not read the kernel's cache a second time."""
+    undo: list[Patches] = []
+    try:
+        _machine(tmp_path, "a", f"file://{tmp_path}/bucket", undo)
+        candidates = [TritonConfig({"XBLOCK": 64}, 4), TritonConfig({"XBLOCK": 128}, 4)]
+        reads: list[int] = []
+        own = SimpleNamespace(configs_hash=th.hash_configs(candidates), read_best=lambda *a: reads.append(1))
+        tuner = object.__new__(th.CachingAutotuner)
+        tuner.__dict__.update(compile_results=[SimpleNamespace(config=c) for c in candidates],
+                              save_cache_hook=SimpleNamespace(__self__=own), inductor_meta={})  # fmt: skip
+        assert autotune_fixes._best_in_own_cache(th, tuner) is None and reads == []
+    finally:
+        for patches in undo:
+            patches.undo()
+
+
 OLD_RECHECK = '''
 def recheck_autotune_cache(self, reload_kernel_from_src):
     configs = [result.config for result in self.compile_results]
@@ -158,18 +254,34 @@ def recheck_autotune_cache(self, reload_kernel_from_src):
 '''
 
 
-def test_the_recheck_fix_applies_only_to_torch_versions_that_need_it(tmp_path: Path, installed: Any) -> None:
+def test_the_recheck_fix_applies_only_to_torch_versions_that_need_it(tmp_path: Path) -> None:
     namespace: dict[str, Any] = {}
     exec(compile(OLD_RECHECK, "old_triton_heuristics.py", "exec"), namespace)  # noqa: S102 - a fixed snippet
     import linecache
 
     linecache.cache["old_triton_heuristics.py"] = (len(OLD_RECHECK), None, OLD_RECHECK.splitlines(True), "old_triton_heuristics.py")
     assert autotune_fixes._has_single_config_guard(namespace["recheck_autotune_cache"])
-    # The torch under test (2.13) has the upstream fix: castore leaves its method alone.
+    # The torch under test (2.13) has the upstream fix: a kernel castore's own-cache read has no answer for is
+    # rechecked by PyTorch's method, not castore's fixed one.
     original = th.CachingAutotuner.__dict__["recheck_autotune_cache"]
     assert not autotune_fixes._has_single_config_guard(original)
-    installed("a", f"file://{tmp_path}/bucket")
-    assert th.CachingAutotuner.__dict__["recheck_autotune_cache"] is original
+    calls: list[Any] = []
+
+    def upstream_recheck(self: Any, reload_kernel_from_src: Any) -> None:
+        calls.append(self)
+
+    th.CachingAutotuner.recheck_autotune_cache = upstream_recheck
+    patches = Patches()
+    try:
+        autotune_fixes.install(_session(tmp_path, f"file://{tmp_path}/bucket"), patches)
+        assert th.CachingAutotuner.__dict__["recheck_autotune_cache"] is not upstream_recheck
+        tuner = object.__new__(th.CachingAutotuner)
+        tuner.save_cache_hook = None  # no autotune cache of its own
+        tuner.recheck_autotune_cache(lambda: None)
+        assert calls == [tuner]
+    finally:
+        patches.undo()
+        th.CachingAutotuner.recheck_autotune_cache = original
 
 
 def test_uninstall_restores_pytorch_s_methods(tmp_path: Path) -> None:

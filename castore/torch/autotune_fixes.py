@@ -1,7 +1,8 @@
 """Autotuning that a warm start repeats although the answer is already known.
 
-Measured on an H100 with torch 2.11 (benchmarks/results/gpu-h100/autotune_trace/), three gaps in Inductor's
-own autotune cache make a warm start (PyTorch's local cache or castore's bucket alike) benchmark again:
+Measured with torch 2.11 on an H100 (1 to 3: benchmarks/results/gpu-h100/autotune_trace/) and an H200 (4), four
+gaps in Inductor's own autotune cache make a warm start (PyTorch's local cache or castore's bucket alike) benchmark
+again:
 
 1. ``CachingAutotuner.recheck_autotune_cache`` (FX-cache hits of statically launchable kernels) ignores an
    autotune-cache hit when the kernel was compiled with a single config, and drops ``found_by_coordesc`` when
@@ -14,6 +15,12 @@ own autotune cache make a warm start (PyTorch's local cache or castore's bucket 
    then adds a smaller-RBLOCK variant at load time and ``autotune_to_one_config`` benchmarks both on every start,
    in every torch version. castore records that winner in the store (cache ``autotune-winner``), keyed by the
    kernel's source file, its candidate configs, the GPU and the versions, and reuses it.
+4. A kernel compiled after an autotune-cache hit (its winner stored by an earlier process) holds the winner alone,
+   and so does its copy in the FX or ahead-of-time entry that process writes. Reloaded from that entry, the recheck
+   of every torch version hashes the one config it holds and looks under a key the winner was not stored under,
+   and Triton's Config loses ``found_by_coordesc`` in the copy: coordinate descent ran again on every start (a
+   max-autotune MLP's ahead-of-time start on an H200: 2 s of it). castore reads the winner through the kernel's
+   own autotune cache, which still holds the hash of all its candidates.
 
 Each patch is a no-op where PyTorch already does the right thing; ``uninstall`` restores the originals.
 """
@@ -36,7 +43,7 @@ log = logging.getLogger("castore.torch")
 
 WINNER_CACHE = "autotune-winner"
 
-counters = {"winner_hits": 0, "winner_puts": 0, "rechecks_fixed": 0}
+counters = {"winner_hits": 0, "winner_puts": 0, "rechecks_fixed": 0, "rechecks_own_cache": 0}
 
 
 def _config_tuple(kwargs: dict[str, Any], num_warps: Any, num_stages: Any) -> tuple[Any, ...]:
@@ -90,36 +97,35 @@ def _patch_autotuner(session: StoreSession, patches: Patches, th: ModuleType) ->
     def patch(name: str, replacement: Any) -> None:
         patches.replace(cls, name, replacement)
 
-    # 1. recheck_autotune_cache, where the running torch still has the single-config guard.
+    # 1. recheck_autotune_cache: first through the kernel's own autotune cache; then the fixed method where the
+    #    running torch still has the single-config guard, else PyTorch's.
     original_recheck = cls.__dict__.get("recheck_autotune_cache")
-    if original_recheck is not None and _has_single_config_guard(original_recheck):
+    if original_recheck is not None:
+        base_recheck = original_recheck
         needed = ("check_autotune_cache", "triton_config_to_hashable", "dynamo_timed")
-        if all(hasattr(th, n) for n in needed):
+        if _has_single_config_guard(original_recheck) and all(hasattr(th, n) for n in needed):
 
-            def recheck_autotune_cache(self: Any, reload_kernel_from_src: Callable[[], Any]) -> None:
+            def fixed_recheck(self: Any, reload_kernel_from_src: Callable[[], Any]) -> None:
                 configs = [result.config for result in self.compile_results]
                 cached, _, info = th.check_autotune_cache(configs, self.filename, self.inductor_meta)
                 self.autotune_cache_info = info
                 if len(cached) != 1 or info.get("autotune_cache_state") != "hit":
                     return
-                best = cached[0]
-                found_by_coordesc = getattr(best, "found_by_coordesc", False)
-                best_hash = th.triton_config_to_hashable(best)
                 counters["rechecks_fixed"] += 1
-                for result in self.compile_results:
-                    if th.triton_config_to_hashable(result.config) == best_hash:
-                        result.config.found_by_coordesc = found_by_coordesc
-                        self.compile_results = [result]
-                        return
-                # The winner was found after the FX entry was written (coordesc, rblock scaling): compile it.
-                # Triton's cache (castore's Triton cache manager behind it) usually holds it already.
-                with th.dynamo_timed("CachingAutotuner.slow_precompile_config"):
-                    if self.fn.fn is None:
-                        self.fn = reload_kernel_from_src().fn
-                    self.compile_results = [self._precompile_config(best)]
+                _narrow_to_best(th, self, cached[0], reload_kernel_from_src)
 
-            patch("recheck_autotune_cache", recheck_autotune_cache)
+            base_recheck = fixed_recheck
             log.debug("castore: using the fixed CachingAutotuner.recheck_autotune_cache (pytorch#172819)")
+
+        def recheck_autotune_cache(self: Any, reload_kernel_from_src: Callable[[], Any]) -> None:
+            best = _best_in_own_cache(th, self)
+            if best is not None:
+                counters["rechecks_own_cache"] += 1
+                _narrow_to_best(th, self, best, reload_kernel_from_src)
+                return None
+            return base_recheck(self, reload_kernel_from_src)
+
+        patch("recheck_autotune_cache", recheck_autotune_cache)
 
     # 2. No rblock scaling after an autotune-cache hit.
     original_scale = cls.__dict__.get("_dynamic_scale_rblock")
@@ -158,6 +164,49 @@ def _patch_autotuner(session: StoreSession, patches: Patches, th: ModuleType) ->
             return result
 
         patch("autotune_to_one_config", autotune_to_one_config)
+
+
+def _best_in_own_cache(th: ModuleType, autotuner: Any) -> Any | None:
+    """The winner stored for a kernel whose compiled configs are not its candidates, read through its own cache.
+
+    A kernel built after an autotune-cache hit is compiled with the winner alone, and so is its copy in an FX or
+    ahead-of-time entry. Reloaded from there, PyTorch's recheck hashes that one config and looks under a key the
+    winner was never stored under (the hash of all the candidates, which the kernel's own AutotuneCache, its save
+    hook, still holds); Triton's Config also loses ``found_by_coordesc`` in the copy, so coordinate descent ran
+    again on every start. None where the two hashes agree (PyTorch's recheck looks in the right place)."""
+    cache = getattr(getattr(autotuner, "save_cache_hook", None), "__self__", None)
+    own_hash = getattr(cache, "configs_hash", None)
+    results = getattr(autotuner, "compile_results", None) or []
+    if not isinstance(own_hash, str) or not results or not callable(getattr(cache, "read_best", None)):
+        return None
+    configs = [result.config for result in results]
+    try:
+        if own_hash == th.hash_configs(configs):
+            return None
+        return cache.read_best(autotuner.inductor_meta, configs)
+    except Exception as exc:  # noqa: BLE001 - a cache of another shape: PyTorch's own recheck runs
+        log.debug("castore: reading a kernel's own autotune cache failed: %r", exc)
+        return None
+
+
+def _narrow_to_best(th: ModuleType, autotuner: Any, best: Any, reload_kernel_from_src: Callable[[], Any]) -> None:
+    """What the fixed recheck does with a hit: keep the compiled config that won (with found_by_coordesc, so no
+    coordinate descent runs), or compile the winner when it was found after the entry was written."""
+    found_by_coordesc = getattr(best, "found_by_coordesc", False)
+    best_hash = th.triton_config_to_hashable(best)
+    autotuner.autotune_cache_info = {**(getattr(autotuner, "autotune_cache_info", None) or {}),
+                                     "autotune_cache_state": "hit", "best_config": best_hash}  # fmt: skip
+    for result in autotuner.compile_results:
+        if th.triton_config_to_hashable(result.config) == best_hash:
+            result.config.found_by_coordesc = found_by_coordesc
+            autotuner.compile_results = [result]
+            return
+    # The winner was found after the entry was written (coordesc, rblock scaling): compile it. Triton's cache
+    # (castore's Triton cache manager behind it) usually holds it already.
+    with th.dynamo_timed("CachingAutotuner.slow_precompile_config"):
+        if autotuner.fn.fn is None:
+            autotuner.fn = reload_kernel_from_src().fn
+        autotuner.compile_results = [autotuner._precompile_config(best)]
 
 
 def _has_single_config_guard(method: Any) -> bool:
