@@ -139,10 +139,11 @@ def test_a_fresh_machine_loads_the_stored_function_and_compiles_nothing(publishe
     assert result["gc_collections_in_aot_compile"][1:] == [0, 0] and result["gc_enabled_after"], result
     assert ci["gc_collections_in_aot_compile"][2] > 0 and ci["gc_enabled_after"], ci
     # So did the loaded function's first call, under thresholds that make every generation collect at once; the
-    # writer's first call (of a function it compiled) runs with the collector.
+    # writer's first call (of a function it compiled) runs with the collector. (Which generations its few
+    # collections reach depends on the counts the compile before it left.)
     print(f"collections in the first call: fresh {result['gc_collections_in_first_call']}, writer {ci['gc_collections_in_first_call']}")
     assert result["gc_collections_in_first_call"][1:] == [0, 0], result
-    assert ci["gc_collections_in_first_call"][1] > 0, ci
+    assert sum(ci["gc_collections_in_first_call"]) > 0, ci
     kept, dropped = result["guards"]["kept"], result["guards"]["dropped"]
     assert kept.get("TENSOR_MATCH") and kept.get("GLOBAL_STATE") and kept.get("SHAPE_ENV"), kept
     assert dropped.get("MODULE_MATCH"), dropped  # the globals' guards: objects of the writer's process

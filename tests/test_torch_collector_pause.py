@@ -56,3 +56,34 @@ def test_a_collector_the_program_disabled_stays_disabled():
     with collector.paused():
         assert not gc.isenabled()
     assert not gc.isenabled()
+
+
+def test_what_the_block_made_is_moved_to_the_oldest_generation_and_stays_collectable():
+    import weakref
+
+    class Node:
+        pass
+
+    gc.collect()
+    with collector.paused():
+        made = [[i] for i in range(20_000)]  # what a load leaves: objects that live on
+        cycle = Node()
+        cycle.self = cycle  # and some cyclic garbage
+        dead = weakref.ref(cycle)
+        del cycle
+    assert gc.get_freeze_count() == 0
+    assert any(obj is made[-1] for obj in gc.get_objects(generation=2))
+    assert dead() is not None  # no collection walked them on the way
+    gc.collect()
+    assert dead() is None  # a full collection still finds the garbage
+
+
+def test_objects_the_program_froze_stay_frozen():
+    gc.freeze()
+    try:
+        frozen = gc.get_freeze_count()
+        with collector.paused():
+            made = [[i] for i in range(1000)]
+        assert gc.get_freeze_count() == frozen and made
+    finally:
+        gc.unfreeze()
