@@ -134,7 +134,9 @@ def test_the_wider_model_set_tables_agree_with_the_committed_json() -> None:
                   "The eight CPU models with the key's package lookup and each put's fingerprint once per setting",
                   "The writer's tax for the eight GPU models, one benchmark alone on one H200",
                   "The eight CPU models, every mode, four rounds",
-                  "The writer's tax on CPU with the precompiled header linked"):  # fmt: skip
+                  "The writer's tax on CPU with the precompiled header linked",
+                  "Ahead-of-time loads of five GPU models, coordinate descent's winner found again",
+                  "Ahead-of-time loads on CPU with the load's objects moved to the oldest generation"):  # fmt: skip
         text = page[page.index(f"\n## {title}") :]
         text = text[: text.find("\n## ", 1)]
         parts = re.split(r"\[JSON\]\(\.\./(benchmarks/results/[\w./-]+\.json)\)", text)
