@@ -62,23 +62,24 @@ def _reduction_autotuner(launchers: list[Launcher], timings: dict[int, float], b
     return autotuner
 
 
+def _machine(tmp_path: Path, name: str, url: str, undo: list[Patches]) -> StoreSession:
+    """A process of a fresh machine: its own local layer, castore's fixes and remote caches installed (the previous
+    process's patches undone)."""
+    for patches in undo:
+        patches.undo()
+    undo.clear()
+    session = _session(tmp_path / name, url)
+    patches = Patches()
+    autotune_fixes.install(session, patches)
+    remote_caches.install(session, patches)
+    undo.append(patches)
+    return session
+
+
 @pytest.fixture
 def installed(tmp_path: Path) -> Any:
-    sessions: list[StoreSession] = []
-    undo: list[Any] = []
-
-    def machine(name: str, url: str) -> StoreSession:
-        for patches in undo:
-            patches.undo()
-        undo.clear()
-        session = _session(tmp_path / name, url)
-        patches = Patches()
-        autotune_fixes.install(session, patches)
-        undo.append(patches)
-        sessions.append(session)
-        return session
-
-    yield machine
+    undo: list[Patches] = []
+    yield lambda name, url: _machine(tmp_path, name, url, undo)
     for patches in undo:
         patches.undo()
 
@@ -163,20 +164,7 @@ class TritonConfig:
         self.__init__(**state)  # type: ignore[misc]
 
 
-def _machine(tmp_path: Path, name: str, url: str, undo: list[Patches]) -> StoreSession:
-    """A process of a fresh machine: its own local layer, castore's fixes and remote caches installed."""
-    for patches in undo:
-        patches.undo()
-    undo.clear()
-    session = _session(tmp_path / name, url)
-    patches = Patches()
-    autotune_fixes.install(session, patches)
-    remote_caches.install(session, patches)
-    undo.append(patches)
-    return session
-
-
-def test_a_kernel_built_from_an_autotune_hit_finds_its_winner_when_reloaded(tmp_path: Path, s3_url: str,
+def test_a_kernel_built_from_an_autotune_hit_finds_its_winner_when_reloaded(s3_url: str, installed: Any, tmp_path: Path,
                                                                             monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
     """Machine A tunes a kernel (coordinate descent) and stores the winner. Machine B compiles the same kernel
     later: its autotune-cache hit builds it with the winner alone, and that autotuner is what B's FX or
@@ -192,57 +180,48 @@ def test_a_kernel_built_from_an_autotune_hit_finds_its_winner_when_reloaded(tmp_
     candidates = [TritonConfig({"XBLOCK": 128, "R0_BLOCK": 8}, 4)]
     winner = TritonConfig({"XBLOCK": 64, "R0_BLOCK": 16}, 8)  # found by coordinate descent: not a candidate
     kernel_file = "cq7xkzr3vbkq4bthv2dhq4q2vy5l6q3vbjd5wtimvxgrwiyocsyu.py"  # named by its source's hash
-    undo: list[Patches] = []
-    try:
-        a = _machine(tmp_path, "a", s3_url, undo)
-        tuned = autotune_cache.AutotuneCache.create(meta, str(tmp_path / "a-inductor" / "cq" / kernel_file),
-                                                    th.hash_configs(candidates))  # fmt: skip
-        assert tuned is not None
-        tuned.save(winner, 1_000_000, found_by_coordesc=True)
-        assert a.flush(30)
 
-        _machine(tmp_path, "b", s3_url, undo)
-        configs, own_cache, info = th.check_autotune_cache(candidates, str(tmp_path / "b-inductor" / "cq" / kernel_file), meta)
-        assert info["autotune_cache_state"] == "hit" and len(configs) == 1 and own_cache is not None
-        compiled = object.__new__(th.StaticTritonCompileResult)  # a statically launchable kernel's result
-        compiled.config = configs[0]
-        built = object.__new__(th.CachingAutotuner)
-        built.__dict__.update(filename=str(tmp_path / "b-inductor" / "cq" / kernel_file), inductor_meta=meta,
-                              compile_results=[compiled], save_cache_hook=own_cache.save, autotune_cache_info=info,
-                              launchers=[])  # fmt: skip
-        entry = pickle.dumps(built)  # the copy B's FX or ahead-of-time entry carries
+    a = installed("a", s3_url)
+    tuned = autotune_cache.AutotuneCache.create(meta, str(tmp_path / "a-inductor" / "cq" / kernel_file),
+                                                th.hash_configs(candidates))  # fmt: skip
+    assert tuned is not None
+    tuned.save(winner, 1_000_000, found_by_coordesc=True)
+    assert a.flush(30)
 
-        _machine(tmp_path, "c", s3_url, undo)
-        loaded = pickle.loads(entry)
-        assert not getattr(loaded.compile_results[0].config, "found_by_coordesc", False)  # lost in the copy
-        before = autotune_fixes.counters["rechecks_own_cache"]
-        loaded.recheck_autotune_cache(reload_kernel_from_src=lambda: pytest.fail("the winner was compiled already"))
-        (kept,) = loaded.compile_results
-        assert th.triton_config_to_hashable(kept.config) == th.triton_config_to_hashable(winner)
-        assert kept.config.found_by_coordesc is True, "coordinate descent would run again on this machine"
-        assert loaded.autotune_cache_info["autotune_cache_state"] == "hit"
-        assert autotune_fixes.counters["rechecks_own_cache"] == before + 1
-    finally:
-        for patches in undo:
-            patches.undo()
+    installed("b", s3_url)
+    configs, own_cache, info = th.check_autotune_cache(candidates, str(tmp_path / "b-inductor" / "cq" / kernel_file), meta)
+    assert info["autotune_cache_state"] == "hit" and len(configs) == 1 and own_cache is not None
+    compiled = object.__new__(th.StaticTritonCompileResult)  # a statically launchable kernel's result
+    compiled.config = configs[0]
+    built = object.__new__(th.CachingAutotuner)
+    built.__dict__.update(filename=str(tmp_path / "b-inductor" / "cq" / kernel_file), inductor_meta=meta,
+                          compile_results=[compiled], save_cache_hook=own_cache.save, autotune_cache_info=info,
+                          launchers=[])  # fmt: skip
+    entry = pickle.dumps(built)  # the copy B's FX or ahead-of-time entry carries
+
+    installed("c", s3_url)
+    loaded = pickle.loads(entry)
+    assert not getattr(loaded.compile_results[0].config, "found_by_coordesc", False)  # lost in the copy
+    before = autotune_fixes.counters["rechecks_own_cache"]
+    loaded.recheck_autotune_cache(reload_kernel_from_src=lambda: pytest.fail("the winner was compiled already"))
+    (kept,) = loaded.compile_results
+    assert th.triton_config_to_hashable(kept.config) == th.triton_config_to_hashable(winner)
+    assert kept.config.found_by_coordesc is True, "coordinate descent would run again on this machine"
+    assert loaded.autotune_cache_info["autotune_cache_state"] == "hit"
+    assert autotune_fixes.counters["rechecks_own_cache"] == before + 1
 
 
-def test_a_kernel_compiled_with_all_its_candidates_is_rechecked_by_pytorch(tmp_path: Path) -> None:
+def test_a_kernel_compiled_with_all_its_candidates_is_rechecked_by_pytorch(tmp_path: Path, installed: Any) -> None:
     """Where the compiled configs are the candidates, PyTorch's recheck looks under the right key: castore does
     not read the kernel's cache a second time."""
-    undo: list[Patches] = []
-    try:
-        _machine(tmp_path, "a", f"file://{tmp_path}/bucket", undo)
-        candidates = [TritonConfig({"XBLOCK": 64}, 4), TritonConfig({"XBLOCK": 128}, 4)]
-        reads: list[int] = []
-        own = SimpleNamespace(configs_hash=th.hash_configs(candidates), read_best=lambda *a: reads.append(1))
-        tuner = object.__new__(th.CachingAutotuner)
-        tuner.__dict__.update(compile_results=[SimpleNamespace(config=c) for c in candidates],
-                              save_cache_hook=SimpleNamespace(__self__=own), inductor_meta={})  # fmt: skip
-        assert autotune_fixes._best_in_own_cache(th, tuner) is None and reads == []
-    finally:
-        for patches in undo:
-            patches.undo()
+    installed("a", f"file://{tmp_path}/bucket")
+    candidates = [TritonConfig({"XBLOCK": 64}, 4), TritonConfig({"XBLOCK": 128}, 4)]
+    reads: list[int] = []
+    own = SimpleNamespace(configs_hash=th.hash_configs(candidates), read_best=lambda *a: reads.append(1))
+    tuner = object.__new__(th.CachingAutotuner)
+    tuner.__dict__.update(compile_results=[SimpleNamespace(config=c) for c in candidates],
+                          save_cache_hook=SimpleNamespace(__self__=own), inductor_meta={})  # fmt: skip
+    assert autotune_fixes._best_in_own_cache(th, tuner) is None and reads == []
 
 
 OLD_RECHECK = '''
