@@ -208,7 +208,8 @@ class HotLoadBench:
         label = f"{model}:{phase}"
         root = os.path.join(self.work, model_slug(label))
         namespace = f"bench-{self.run_id}-{model_slug(model)}-{phase}"
-        castore_modes = [m for m in modes if m.startswith("castore")]
+        # castore-aot reads a namespace of its own, filled by castore-aot-cold: castore-cold fills the others' only
+        castore_modes = [m for m in modes if m.startswith("castore") and m != "castore-aot"]
         populated_dir = None
         if castore_modes and not any(m in self.unavailable for m in castore_modes):
             pop_root = os.path.join(root, "castore-cold")
