@@ -81,6 +81,32 @@ def test_a_hot_start_is_checked_against_the_compile_that_wrote_its_caches() -> N
     assert rows["cold"]["digests_match_writer"] is None
 
 
+def test_outputs_that_differ_in_the_last_bits_are_told_from_other_outputs() -> None:
+    """A training step whose gradient is accumulated with atomic adds gives another digest between runs of the same
+    code: its output sums are compared with a tolerance; another model's outputs stay a mismatch."""
+    from castore.bench.report import markdown, summarize
+
+    def run(mode: str, digest: str, sums: list, repeat: int = 0):  # noqa: ANN001, ANN202
+        r = _run(mode, digest, repeat=repeat)
+        r.result["output_sums"] = sums
+        return r
+
+    writer = [[12.5, 40.0], [-0.25, 3.0]]
+    last_bits = [[12.5 + 1e-6, 40.0 - 1e-6], [-0.25 - 2e-7, 3.0]]
+    other = [[12.9, 40.0], [-0.25, 3.0]]  # one sum off by 1 % of its magnitudes
+    runs = [run("cold", "aaaa", writer), run("castore-aot-cold", "aaaa", writer),
+            run("castore-aot", "aaaa", writer), run("castore-aot", "bbbb", last_bits, repeat=1),
+            run("warm-local", "cccc", other)]  # fmt: skip
+    rows = {r["mode"]: r for r in summarize(runs, ["m:infer"], ["cold", "warm-local", "castore-aot"])}
+    aot = rows["castore-aot"]
+    assert aot["digests_match_writer"] is False and aot["outputs_close_to_writer"] is True
+    assert aot["outputs_against_writer"] == {"compared": 2, "same_digest": 1, "close": 2}
+    assert rows["warm-local"]["outputs_close_to_writer"] is False
+    report = {"machine": {}, "machine_slug": "test", "repeats": 2, "summary": list(rows.values())}
+    table = markdown(report)
+    assert "| 1/2 same, 2/2 within 0.001 |" in table and "| 0/1 same, 0/1 within 0.001 |" in table
+
+
 def _report(run_id: str, runs: list, slug: str = "gpu-test") -> dict:  # noqa: ANN001
     return {"run_id": run_id, "machine_slug": slug, "started": "2026-11-28T05:00:00+0000", "duration_s": 10.0,
             "models": ["m:infer"], "modes": ["cold", "warm-local", "castore-hot"], "runs": [r.to_dict() for r in runs]}  # fmt: skip

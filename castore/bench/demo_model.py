@@ -157,6 +157,9 @@ def main(argv: list[str] | None = None) -> None:
         "fxgraph": {k: v for k, v in counters["inductor"].items() if k.startswith("fxgraph")},
         "aot_autograd": {k: v for k, v in counters["aot_autograd"].items() if k.startswith("autograd_cache")},
         "output_digest": h.hexdigest()[:16],
+        # each digested tensor's sum and sum of magnitudes in float64: compared with a tolerance where kernels that
+        # accumulate with atomic adds (an embedding's gradient) make two runs of the same code differ in the last bits
+        "output_sums": [[float(t.detach().double().sum()), float(t.detach().double().abs().sum())] for t in digest_src],
         "device": args.device,
         "device_name": torch.cuda.get_device_name() if cuda else "cpu",
         "torch": torch.__version__,

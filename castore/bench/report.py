@@ -33,6 +33,20 @@ def _median_of(runs: list[Run], get: Any) -> float | None:
     return statistics.median(vals) if vals else None
 
 
+OUTPUT_RTOL = 1e-3  # of a tensor's sum of magnitudes: far below what another model or input changes
+
+
+def sums_close(got: list[list[float]], want: list[list[float]], rtol: float = OUTPUT_RTOL) -> bool:
+    """Whether two runs' output sums (per tensor: sum, sum of magnitudes) agree within rtol of the magnitudes."""
+    if len(got) != len(want):
+        return False
+    for (s_got, a_got), (s_want, a_want) in zip(got, want):
+        scale = max(abs(a_got), abs(a_want)) * rtol + 1e-12
+        if abs(s_got - s_want) > scale or abs(a_got - a_want) > scale:
+            return False
+    return True
+
+
 def summarize(runs: list[Run], models: list[str], modes: list[str]) -> list[dict[str, Any]]:
     rows = []
     for model in models:
@@ -55,6 +69,24 @@ def summarize(runs: list[Run], models: list[str], modes: list[str]) -> list[dict
             if mode in ("warm-local", "megacache"):
                 return "cold"
             return None
+
+        def sums_of(ref: str, call: str | None) -> list[list[float]] | None:
+            return next((r.result.get("output_sums") for r in mine if r.ok and r.mode == ref and r.call == call), None)
+
+        def all_close(ok: list[Run], ref: str | None) -> bool | None:
+            """Every run's output sums within OUTPUT_RTOL of its own call's ref run's; None where either is missing."""
+            pairs = [(r.result.get("output_sums"), sums_of(ref, r.call)) for r in ok] if ref else []
+            if not pairs or any(got is None or want is None for got, want in pairs):
+                return None
+            return all(sums_close(got, want) for got, want in pairs)
+
+        def against_writer(ok: list[Run], ref: str | None) -> dict[str, int | None]:
+            """How many runs have their writer's digest, and how many its output sums within OUTPUT_RTOL."""
+            compared = [r for r in ok if ref and digest_of(ref, r.call) is not None]
+            same = sum(1 for r in compared if r.result.get("output_digest") == digest_of(ref, r.call))  # type: ignore[arg-type]
+            with_sums = [(r.result.get("output_sums"), sums_of(ref, r.call)) for r in compared]  # type: ignore[arg-type]
+            close = None if any(a is None or b is None for a, b in with_sums) else sum(1 for a, b in with_sums if sums_close(a, b))
+            return {"compared": len(compared), "same_digest": same, "close": close}
 
         def all_match(ok: list[Run], ref: str | None) -> bool | None:
             """Every run's digest equals its own call's ref run's; None where there is nothing to compare."""
@@ -79,6 +111,8 @@ def summarize(runs: list[Run], models: list[str], modes: list[str]) -> list[dict
                 "compile_s": _stats([r.result["seconds_compile"] for r in ok]),
                 "digests_match_cold": all_match(ok, "cold"),
                 "digests_match_writer": all_match(ok, writer_of(mode)),
+                "outputs_close_to_writer": all_close(ok, writer_of(mode)),
+                "outputs_against_writer": against_writer(ok, writer_of(mode)),
                 "fx_hits": _median_of(ok, lambda x: x["fxgraph"].get("fxgraph_cache_hit", 0)),
                 "fx_misses": _median_of(ok, lambda x: x["fxgraph"].get("fxgraph_cache_miss", 0)),
                 "compiler_runs": _median_of(ok, lambda x: x["compiler_runs"]),
@@ -152,6 +186,18 @@ def _fmt_breaker(row: dict[str, Any]) -> str:
     return f"{_fmt_n(row.get('castore_skipped'))} (breaker in {row['castore_breaker_runs']}/{row['ok']})"
 
 
+def _fmt_outputs(row: dict[str, Any]) -> str:
+    """Runs with their writer's output digest, and (where it differs in some) within OUTPUT_RTOL of its sums."""
+    against = row.get("outputs_against_writer") or {}
+    n = against.get("compared") or 0
+    if not n:
+        return "–"
+    text = f"{against['same_digest']}/{n} same"
+    if against["same_digest"] != n and against.get("close") is not None:
+        text += f", {against['close']}/{n} within {OUTPUT_RTOL:g}"
+    return text
+
+
 def _process_count(report: dict[str, Any]) -> str:
     """How many processes each mode's medians are over: the repeats of one command, or a range once pooled."""
     if report.get("merged_from"):
@@ -173,8 +219,8 @@ def markdown(report: dict[str, Any]) -> str:
         )
         + ", medians (min–max)",
         "",
-        "| model | mode | ok | first output s | compile s | ×warm-local | ×cold | paired ×warm-local: first output, compile (pairs) | paired ×cold: first output, compile | FX hits | C++ runs | Triton compiles | autotune calls | store skipped |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| model | mode | ok | first output s | compile s | ×warm-local | ×cold | paired ×warm-local: first output, compile (pairs) | paired ×cold: first output, compile | FX hits | C++ runs | Triton compiles | autotune calls | store skipped | outputs = writer's |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in report["summary"]:
         name = row["mode"] + (" (populate)" if row["populating_run"] else "")
@@ -184,7 +230,7 @@ def markdown(report: dict[str, Any]) -> str:
             f"| {_fmt_paired(row.get('first_output_paired_over_warm_local'), row.get('compile_paired_over_warm_local'))} "
             f"| {_fmt_paired_pair(row.get('first_output_paired_over_cold'), row.get('compile_paired_over_cold'))} | {_fmt_n(row['fx_hits'])} "
             f"| {_fmt_n(row['compiler_runs'])} | {_fmt_n(row['triton_compiles'])} | {_fmt_n(row['autotune_calls'])} "
-            f"| {_fmt_breaker(row)} |"
+            f"| {_fmt_breaker(row)} | {_fmt_outputs(row)} |"
         )
     dd = report.get("dedup")
     if dd and dd.get("stored_bytes"):
@@ -207,7 +253,10 @@ def markdown(report: dict[str, Any]) -> str:
         "paired ×cold likewise against the cold process of the same repeat (cold-writer: the writer's tax). "
         "FX hits, C++ runs (castore modes), Triton compiles (ptxas runs) and autotune calls (GPU): medians per process. "
         "Store skipped: castore lookups skipped because its circuit breaker was open (a store error, or a get slower than "
-        "slow_request), and in how many processes the breaker opened.",
+        "slow_request), and in how many processes the breaker opened. Outputs = writer's: how many processes gave the "
+        "output digest of the compile that wrote what they load (cold for warm-local), and, where some did not, how many "
+        f"had each output tensor's sum and sum of magnitudes within {OUTPUT_RTOL:g} of its (kernels that accumulate "
+        "with atomic adds differ in the last bits between runs of the same code).",
     ]
     return "\n".join(lines)
 
