@@ -100,7 +100,7 @@ def test_outputs_that_differ_in_the_last_bits_are_told_from_other_outputs() -> N
     rows = {r["mode"]: r for r in summarize(runs, ["m:infer"], ["cold", "warm-local", "castore-aot"])}
     aot = rows["castore-aot"]
     assert aot["digests_match_writer"] is False and aot["outputs_close_to_writer"] is True
-    assert aot["outputs_against_writer"] == {"compared": 2, "same_digest": 1, "close": 2}
+    assert aot["outputs_against_writer"] == {"compared": 2, "same_digest": 1, "with_sums": 2, "close": 2}
     assert rows["warm-local"]["outputs_close_to_writer"] is False
     report = {"machine": {}, "machine_slug": "test", "repeats": 2, "summary": list(rows.values())}
     table = markdown(report)

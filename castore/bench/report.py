@@ -84,9 +84,10 @@ def summarize(runs: list[Run], models: list[str], modes: list[str]) -> list[dict
             """How many runs have their writer's digest, and how many its output sums within OUTPUT_RTOL."""
             compared = [r for r in ok if ref and digest_of(ref, r.call) is not None]
             same = sum(1 for r in compared if r.result.get("output_digest") == digest_of(ref, r.call))  # type: ignore[arg-type]
-            with_sums = [(r.result.get("output_sums"), sums_of(ref, r.call)) for r in compared]  # type: ignore[arg-type]
-            close = None if any(a is None or b is None for a, b in with_sums) else sum(1 for a, b in with_sums if sums_close(a, b))
-            return {"compared": len(compared), "same_digest": same, "close": close}
+            pairs = [(r.result.get("output_sums"), sums_of(ref, r.call)) for r in compared]  # type: ignore[arg-type]
+            with_sums = [(a, b) for a, b in pairs if a is not None and b is not None]  # older results have none
+            close = sum(1 for a, b in with_sums if sums_close(a, b))
+            return {"compared": len(compared), "same_digest": same, "with_sums": len(with_sums), "close": close}
 
         def all_match(ok: list[Run], ref: str | None) -> bool | None:
             """Every run's digest equals its own call's ref run's; None where there is nothing to compare."""
@@ -193,8 +194,9 @@ def _fmt_outputs(row: dict[str, Any]) -> str:
     if not n:
         return "–"
     text = f"{against['same_digest']}/{n} same"
-    if against["same_digest"] != n and against.get("close") is not None:
-        text += f", {against['close']}/{n} within {OUTPUT_RTOL:g}"
+    if against["same_digest"] != n and against.get("with_sums"):
+        text += f", {against['close']}/{against['with_sums']}" + (" with sums" if against["with_sums"] != n else "")
+        text += f" within {OUTPUT_RTOL:g}"
     return text
 
 
