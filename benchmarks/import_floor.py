@@ -1,11 +1,11 @@
 #!/usr/bin/env python
-"""How much of a fresh process's start is Python imports, castore-aot against warm-local.
+"""How much of a fresh process's start is Python imports, castore-aot (or castore-hot) against warm-local.
 
 Each process runs castore.bench.demo_model under ``-X importtime`` (PYTHONPROFILEIMPORTTIME): the interpreter
 reports every module's own import time (its body, the shared libraries it loads), wherever the import happens, in
-the compile phase included. A warm-local process (PyTorch's caches filled by one cold run) and a castore-aot process
-(a fresh machine loading the stored function from SeaweedFS, filled by one castore-aot-cold run) alternate, pairs
-times. The report: per process, time to first output, import seconds and module count; per mode, the medians; and
+the compile phase included. A warm-local process (PyTorch's caches filled by one cold run) and a fresh machine of
+--mode alternate, pairs times: castore-aot loads the stored function from SeaweedFS (filled by one castore-aot-cold
+run), castore-hot serves torch.compile's caches from it (filled by one castore-cold run). The report: per process, time to first output, import seconds and module count; per mode, the medians; and
 the modules whose import only one mode pays. Import timing slows a process down: the times here are not those of
 `castore bench`.
 
@@ -73,6 +73,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="mlp-autotune:infer")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--mode", default="castore-aot", choices=["castore-aot", "castore-hot"], help="the mode set against warm-local")
     parser.add_argument("--pairs", type=int, default=3)
     parser.add_argument("--timeout", type=float, default=600.0)
     parser.add_argument("--out", required=True)
@@ -88,31 +89,35 @@ def main() -> None:
         bucket = sw.create_bucket(f"floor-{uuid.uuid4().hex[:12]}")
         url = f"s3://{bucket}?endpoint={sw.endpoint}"
 
-        def aot_env(name: str) -> dict[str, str]:
+        flag = "--aot" if args.mode == "castore-aot" else "--castore"
+
+        def castore_env(name: str) -> dict[str, str]:
             return castore_machine_env(os.path.join(work, name), url, "floor", sw.env())
 
         cold_env = plain_machine_env(os.path.join(work, "cold"))
-        writer = measure(python, demo + ["--aot"], aot_env("castore-aot-cold"), args.timeout)
+        writer = measure(python, demo + [flag], castore_env(f"{args.mode}-cold"), args.timeout)
         cold = measure(python, demo, cold_env, args.timeout)
-        runs: dict[str, list[dict[str, Any]]] = {"warm-local": [], "castore-aot": []}
+        runs: dict[str, list[dict[str, Any]]] = {"warm-local": [], args.mode: []}
         for i in range(args.pairs):
-            order = ["warm-local", "castore-aot"] if i % 2 == 0 else ["castore-aot", "warm-local"]
+            order = ["warm-local", args.mode] if i % 2 == 0 else [args.mode, "warm-local"]
             for mode in order:
-                env = cold_env if mode == "warm-local" else aot_env(f"castore-aot-{i}")
-                runs[mode].append(measure(python, demo + (["--aot"] if mode == "castore-aot" else []), env, args.timeout))
+                if mode == "warm-local":
+                    runs[mode].append(measure(python, demo, cold_env, args.timeout))
+                else:
+                    runs[mode].append(measure(python, demo + [flag], castore_env(f"{mode}-{i}"), args.timeout))
     finally:
         sw.stop()
     ok = {mode: [r for r in rs if r["ok"]] for mode, rs in runs.items()}
     summary = {mode: {key: round(statistics.median(r[key] for r in rs), 3) for key in ("first_output_s", "compile_s", "import_s", "modules")}
                for mode, rs in ok.items() if rs}  # fmt: skip
     report: dict[str, Any] = {
-        "benchmark": "import_floor", "model": args.model, "device": args.device, "pairs": args.pairs,
+        "benchmark": "import_floor", "model": args.model, "device": args.device, "mode": args.mode, "pairs": args.pairs,
         "summary": summary,
         "import_share": {mode: round(s["import_s"] / s["first_output_s"], 3) for mode, s in summary.items()},
         "digests_match": {"warm-local": all(r["output_digest"] == cold["output_digest"] for r in ok["warm-local"]),
-                          "castore-aot": all(r["output_digest"] == writer["output_digest"] for r in ok["castore-aot"])},
-        "only_castore_aot": only_in([r["times"] for r in ok["castore-aot"]], [r["times"] for r in ok["warm-local"]]),
-        "only_warm_local": only_in([r["times"] for r in ok["warm-local"]], [r["times"] for r in ok["castore-aot"]]),
+                          args.mode: all(r["output_digest"] == writer["output_digest"] for r in ok[args.mode])},
+        "only_" + args.mode.replace("-", "_"): only_in([r["times"] for r in ok[args.mode]], [r["times"] for r in ok["warm-local"]]),
+        "only_warm_local": only_in([r["times"] for r in ok["warm-local"]], [r["times"] for r in ok[args.mode]]),
         "processes": {mode: [{k: v for k, v in r.items() if k != "times"} for r in rs] for mode, rs in runs.items()},
         "writer": {k: v for k, v in writer.items() if k != "times"}, "cold": {k: v for k, v in cold.items() if k != "times"},
     }  # fmt: skip
