@@ -73,20 +73,14 @@ def summarize(runs: list[Run], models: list[str], modes: list[str]) -> list[dict
         def sums_of(ref: str, call: str | None) -> list[list[float]] | None:
             return next((r.result.get("output_sums") for r in mine if r.ok and r.mode == ref and r.call == call), None)
 
-        def all_close(ok: list[Run], ref: str | None) -> bool | None:
-            """Every run's output sums within OUTPUT_RTOL of its own call's ref run's; None where either is missing."""
-            pairs = [(r.result.get("output_sums"), sums_of(ref, r.call)) for r in ok] if ref else []
-            if not pairs or any(got is None or want is None for got, want in pairs):
-                return None
-            return all(sums_close(got, want) for got, want in pairs)
-
-        def against_writer(ok: list[Run], ref: str | None) -> dict[str, int | None]:
-            """How many runs have their writer's digest, and how many its output sums within OUTPUT_RTOL."""
-            compared = [r for r in ok if ref and digest_of(ref, r.call) is not None]
-            same = sum(1 for r in compared if r.result.get("output_digest") == digest_of(ref, r.call))  # type: ignore[arg-type]
-            pairs = [(r.result.get("output_sums"), sums_of(ref, r.call)) for r in compared]  # type: ignore[arg-type]
-            with_sums = [(a, b) for a, b in pairs if a is not None and b is not None]  # older results have none
-            close = sum(1 for a, b in with_sums if sums_close(a, b))
+        def against_writer(ok: list[Run], ref: str | None) -> dict[str, int]:
+            """How many runs have their writer's digest, and how many its output sums within OUTPUT_RTOL (of those
+            whose runs recorded sums: older results have none)."""
+            refs = [(r, digest_of(ref, r.call), sums_of(ref, r.call)) for r in ok] if ref else []
+            compared = [(r, digest, sums) for r, digest, sums in refs if digest is not None]
+            same = sum(1 for r, digest, _ in compared if r.result.get("output_digest") == digest)
+            with_sums = [(r.result["output_sums"], sums) for r, _, sums in compared if r.result.get("output_sums") and sums]
+            close = sum(1 for got, want in with_sums if sums_close(got, want))
             return {"compared": len(compared), "same_digest": same, "with_sums": len(with_sums), "close": close}
 
         def all_match(ok: list[Run], ref: str | None) -> bool | None:
@@ -112,8 +106,9 @@ def summarize(runs: list[Run], models: list[str], modes: list[str]) -> list[dict
                 "compile_s": _stats([r.result["seconds_compile"] for r in ok]),
                 "digests_match_cold": all_match(ok, "cold"),
                 "digests_match_writer": all_match(ok, writer_of(mode)),
-                "outputs_close_to_writer": all_close(ok, writer_of(mode)),
-                "outputs_against_writer": against_writer(ok, writer_of(mode)),
+                "outputs_against_writer": (against := against_writer(ok, writer_of(mode))),
+                # every run compared with its writer's sums, and within OUTPUT_RTOL; None where some could not be
+                "outputs_close_to_writer": against["close"] == len(ok) if ok and against["with_sums"] == len(ok) else None,
                 "fx_hits": _median_of(ok, lambda x: x["fxgraph"].get("fxgraph_cache_hit", 0)),
                 "fx_misses": _median_of(ok, lambda x: x["fxgraph"].get("fxgraph_cache_miss", 0)),
                 "compiler_runs": _median_of(ok, lambda x: x["compiler_runs"]),
