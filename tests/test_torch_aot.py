@@ -167,6 +167,90 @@ def test_a_module_with_hooks_is_compiled_through_its_call(tmp_path: Path) -> Non
     assert result["second"]["source"] == "store" and result["second"]["max_abs_diff"] < 1e-5, result["second"]
 
 
+FLAG_MODEL = """\
+import torch
+from torch import nn
+
+FLAG = False  # a module-level setting the forward branches on
+
+
+class Net(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(16, 16)
+
+    def forward(self, x):
+        y = self.fc(x)
+        return torch.relu(y) if FLAG else torch.sigmoid(y)
+
+
+def make(batch):
+    return Net(), (torch.randn(batch, 16),)
+"""
+
+RECOMPILED_MODEL = """\
+import os
+
+import torch
+from torch import nn
+
+
+class Net(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(16, 16)
+        self.scale = 2.0
+
+    def forward(self, x):
+        return self.fc(x) * self.scale
+
+
+def make(batch):
+    net, x = Net(), torch.randn(batch, 16)
+    if os.environ.get("RECOMPILE_FIRST") == "1":
+        # torch.compile of the same forward, recompiled for another scale: Dynamo makes the float dynamic in this
+        # process, and the bytecode it writes for it from then on names the module's global `torch`
+        compiled = torch.compile(Net.forward)
+        compiled(net, x)
+        net.scale = 3.0
+        compiled(net, x)
+        net.scale = 2.0
+    return net, (x,)
+"""
+
+
+def test_a_module_level_flag_set_otherwise_on_the_reader_never_runs_the_writers_trace(tmp_path: Path) -> None:
+    """The key cannot cover the globals a trace reads (they are known only once traced): the guard on the flag's
+    value is kept in the artifact and checked against the reader's module, so a reader whose flag differs finds
+    the same key, loads it, and runs torch.compile instead of the writer's branch."""
+    model = write_model(tmp_path / "src", FLAG_MODEL)
+    store = tmp_path / "store"
+    writer, _, _ = run_worker(machine(tmp_path / "w", CASTORE_URL=f"file://{store}", AOT_MODEL=str(model)))
+    assert writer["source"] == "compiled" and writer["max_abs_diff"] < 1e-5, writer
+    assert writer["guards"]["kept"].get("CONSTANT_MATCH"), writer["guards"]  # the flag's, among others
+    same, _, _ = run_worker(machine(tmp_path / "same", CASTORE_URL=f"file://{store}", AOT_MODEL=str(model)))
+    assert same["source"] == "store" and same["max_abs_diff"] < 1e-5 and same["digest"] == writer["digest"], same
+    flipped, _, stderr = run_worker(machine(tmp_path / "flipped", CASTORE_URL=f"file://{store}", AOT_MODEL=str(model),
+                                            AOT_GLOBALS='{"FLAG": true}', CASTORE_LOG="info"))  # fmt: skip
+    assert flipped["key"] == writer["key"] and flipped["source"] == "store", flipped
+    assert flipped["max_abs_diff"] < 1e-5 and flipped["digest"] != writer["digest"], flipped
+    assert "guards reject these inputs (G['FLAG'] == False" in stderr, stderr[-3000:]
+
+
+def test_code_traced_after_a_recompile_loads_with_its_modules_globals(tmp_path: Path) -> None:
+    """A writer whose process had recompiled the forward for another float attribute writes bytecode that names
+    the global `torch` without carrying it: a reader loads it with the traced function's module globals."""
+    model = write_model(tmp_path / "src", RECOMPILED_MODEL)
+    store = tmp_path / "store"
+    writer, _, _ = run_worker(machine(tmp_path / "w", CASTORE_URL=f"file://{store}", AOT_MODEL=str(model),
+                                      RECOMPILE_FIRST="1"))  # fmt: skip
+    assert writer["source"] == "compiled" and writer["max_abs_diff"] < 1e-5, writer
+    reader, _, stderr = run_worker(machine(tmp_path / "r", CASTORE_URL=f"file://{store}", AOT_MODEL=str(model),
+                                           CASTORE_LOG="info"))  # fmt: skip
+    assert reader["key"] == writer["key"], (reader["key"], writer["key"])
+    assert reader["source"] == "store" and reader["max_abs_diff"] < 1e-5, (reader, stderr[-3000:])
+
+
 def test_a_changed_forward_misses(published: dict[str, Any], tmp_path: Path) -> None:
     changed = MODEL.replace("y = torch.relu(self.fc(x))", "y = torch.sigmoid(self.fc(x))")
     assert changed != MODEL

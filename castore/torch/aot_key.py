@@ -17,7 +17,8 @@ from typing import Any
 from castore.torch.package_versions import package_version
 
 KEY_PREFIX = "aot."
-RECIPE = 1  # version of what the key covers: a change misses every artifact written before
+RECIPE = 2  # version of what the key covers, and of the artifact (2: guards on globals' values kept): a change
+# misses every artifact written before
 MAX_META_TEXT = 2000  # longest text of one manifest field
 # Fingerprint fields left out of the key: the device index is part of each input's spec instead; the lists of
 # changed settings name what the config hashes cover, and change once a compile has set settings to their defaults.

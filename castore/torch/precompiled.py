@@ -46,6 +46,8 @@ MAGIC = b"castore-aot-function\n"
 VALUE_FORMAT = 1
 MAX_HEADER = 16 << 20
 # What torch's own default guard filter for aot_compile drops besides globals (CheckFunctionManager's list).
+# Guards on a global that compare its value (torch's default for aot_compile drops every guard on a global).
+GLOBAL_VALUE_GUARDS = ("CONSTANT_MATCH", "EQUALS_MATCH")
 _UNSERIALIZABLE_GUARDS = ("DICT_VERSION", "NN_MODULE", "ID_MATCH", "FUNCTION_MATCH", "CLASS_MATCH", "MODULE_MATCH",
                           "CLOSURE_MATCH", "WEAKREF_ALIVE")  # fmt: skip
 
@@ -118,8 +120,11 @@ def stale_source(sources: list[list[Any]]) -> str | None:
 # -- guards -------------------------------------------------------------------------------------------------------
 @dataclass
 class GuardRecord:
-    """Which of Dynamo's guards the artifact keeps and which it drops (they cannot be serialized, or refer to
-    globals, which are this process's objects)."""
+    """Which of Dynamo's guards the artifact keeps and which it drops: those that cannot be serialized, and those on
+    globals but the ones that compare a global's value (a module-level flag the code branches on). Those are
+    checked against the reading process's globals when the loaded function is called (castore passes the
+    traced function's module globals to the load): a flag set otherwise there makes the call fall back to
+    torch.compile instead of running code traced for the writer's value."""
 
     kept: Counter[str] = field(default_factory=Counter)
     dropped: Counter[str] = field(default_factory=Counter)
@@ -129,8 +134,10 @@ class GuardRecord:
         def guard_filter(entries: Any) -> list[bool]:
             if user_filter is not None:
                 keep = [bool(k) for k in user_filter(entries)]
-            else:  # torch's own default for aot_compile
-                keep = [not (g.is_global or g.guard_type in _unserializable_guard_types()) for g in entries]
+            else:  # torch's own default for aot_compile, but for the guards on a global's value
+                unserializable = _unserializable_guard_types()
+                keep = [g.guard_type not in unserializable and (not g.is_global or g.guard_type in GLOBAL_VALUE_GUARDS)
+                        for g in entries]  # fmt: skip
             self.kept.clear(), self.dropped.clear(), self.dropped_names.clear()
             for g, k in zip(entries, keep):
                 if k:
@@ -278,7 +285,25 @@ def load_payload(target: Any, payload: bytes) -> Any:
     load = getattr(torch.compiler, "load_compiled_function", None)
     if load is None:
         raise AotUnavailable(f"torch {torch.__version__} has no torch.compiler.load_compiled_function")
-    return load(io.BytesIO(payload), **({"external_data": plan.external} if plan.external else {}))
+    extra: dict[str, Any] = {"external_data": plan.external} if plan.external else {}
+    scope = enclosing_globals(plan.fn)
+    if scope is not None and _takes(load, "f_globals"):
+        extra["f_globals"] = scope
+    return load(io.BytesIO(payload), **extra)
+
+
+def enclosing_globals(fn: Any) -> dict[str, Any] | None:
+    """The global scope of the function Dynamo traces for fn, as aot_compile gives it to the function it compiles:
+    the bytecode Dynamo writes may name globals the artifact does not carry (``torch``, once a float attribute has
+    become dynamic), and the guards on globals' values are checked against it."""
+    try:
+        from torch._dynamo.convert_frame import get_traced_fn
+
+        traced, _ = get_traced_fn(fn)
+    except Exception:  # noqa: BLE001 - another torch: the function itself, or a module's forward
+        traced = getattr(type(fn), "forward", fn) if hasattr(fn, "_modules") else getattr(fn, "__func__", fn)
+    scope = getattr(inspect.unwrap(traced), "__globals__", None)
+    return scope if isinstance(scope, dict) else None
 
 
 def describe_target(target: Any) -> str:

@@ -7,6 +7,7 @@
     AOT_TWICE=1                  after the first, flush and aot_compile again (what a second process would find)
     AOT_HOOK=1                   a forward pre-hook on the module (halves its input)
     AOT_SCALE_WEIGHTS=1.5        this process's weights differ from the writer's (a checkpoint loaded)
+    AOT_GLOBALS='{"FLAG": true}' module-level globals of the model set before it is built (a flag set otherwise)
 """
 
 from __future__ import annotations
@@ -34,6 +35,8 @@ def main() -> None:
     module = importlib.util.module_from_spec(spec)
     sys.modules["aot_model"] = module
     spec.loader.exec_module(module)
+    for name, value in json.loads(os.environ.get("AOT_GLOBALS", "{}")).items():
+        setattr(module, name, value)
     torch.manual_seed(0)
     net, inputs = module.make(int(os.environ.get("AOT_BATCH", "4")))
     train = os.environ.get("AOT_TRAIN") == "1"
