@@ -3,8 +3,9 @@
 A CI machine compiles a small module ahead of time into a file:// store, signing what it publishes. Fresh machines
 (empty Inductor, Triton, temp and castore dirs) that trust its key then: load it and compile nothing; miss on a
 changed forward, changed input shapes or another torch version; never load it when a function it traced changed
-outside the key's files; fall back to torch.compile, with one log line, for a model that cannot be serialized;
-never unpickle an artifact planted without the key. Through SeaweedFS: `castore prewarm` and `castore pull` carry
+outside the key's files; never run the writer's branch where a module-level flag differs (its guard is kept);
+load code that names its module's globals; fall back to torch.compile, with one log line, for a model that cannot
+be serialized; never unpickle an artifact planted without the key. Through SeaweedFS: `castore prewarm` and `castore pull` carry
 a training step's artifact to an offline machine.
 """
 
