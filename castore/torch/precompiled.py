@@ -45,9 +45,9 @@ CACHE = "aot-function"  # castore's cache name (`castore stats`) and the manifes
 MAGIC = b"castore-aot-function\n"
 VALUE_FORMAT = 1
 MAX_HEADER = 16 << 20
-# What torch's own default guard filter for aot_compile drops besides globals (CheckFunctionManager's list).
 # Guards on a global that compare its value (torch's default for aot_compile drops every guard on a global).
 GLOBAL_VALUE_GUARDS = ("CONSTANT_MATCH", "EQUALS_MATCH")
+# What torch's own default guard filter for aot_compile drops besides globals (CheckFunctionManager's list).
 _UNSERIALIZABLE_GUARDS = ("DICT_VERSION", "NN_MODULE", "ID_MATCH", "FUNCTION_MATCH", "CLASS_MATCH", "MODULE_MATCH",
                           "CLOSURE_MATCH", "WEAKREF_ALIVE")  # fmt: skip
 
