@@ -53,9 +53,12 @@ def summarize(runs: list[Run], models: list[str], modes: list[str]) -> list[dict
         label = ":".join(split_model_spec(model))
         mine = [r for r in runs if r.model == label]
 
+        def ref_result(ref: str, call: str | None) -> dict[str, Any]:
+            """The result of the call's first ok run of mode ref (each call compiled its own caches); {} if none."""
+            return next((r.result for r in mine if r.ok and r.mode == ref and r.call == call), {})
+
         def digest_of(ref: str, call: str | None) -> str | None:
-            """The output digest of the call's first ok run of mode ref (each call compiled its own caches)."""
-            return next((r.result["output_digest"] for r in mine if r.ok and r.mode == ref and r.call == call), None)
+            return ref_result(ref, call).get("output_digest")
 
         def writer_of(mode: str) -> str | None:
             """The mode whose caches this mode loads: with autotuning, two cold compiles may pick different kernel
@@ -70,14 +73,11 @@ def summarize(runs: list[Run], models: list[str], modes: list[str]) -> list[dict
                 return "cold"
             return None
 
-        def sums_of(ref: str, call: str | None) -> list[list[float]] | None:
-            return next((r.result.get("output_sums") for r in mine if r.ok and r.mode == ref and r.call == call), None)
-
         def against_writer(ok: list[Run], ref: str | None) -> dict[str, int]:
             """How many runs have their writer's digest, and how many its output sums within OUTPUT_RTOL (of those
             whose runs recorded sums: older results have none)."""
-            refs = [(r, digest_of(ref, r.call), sums_of(ref, r.call)) for r in ok] if ref else []
-            compared = [(r, digest, sums) for r, digest, sums in refs if digest is not None]
+            refs = [(r, ref_result(ref, r.call)) for r in ok] if ref else []
+            compared = [(r, want.get("output_digest"), want.get("output_sums")) for r, want in refs if want.get("output_digest")]
             same = sum(1 for r, digest, _ in compared if r.result.get("output_digest") == digest)
             with_sums = [(r.result["output_sums"], sums) for r, _, sums in compared if r.result.get("output_sums") and sums]
             close = sum(1 for got, want in with_sums if sums_close(got, want))
