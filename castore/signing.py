@@ -173,9 +173,20 @@ def secret_key_name(path: str | os.PathLike[str]) -> str:
     return validate_key_name(name)
 
 
+_BASE64_TEXT_RE = re.compile(r"[A-Za-z0-9+/]+={0,2}")
+_PUBLIC_KEY_TEXT_CHARS = 4 * ((PUBLIC_KEY_BYTES + 2) // 3)
+
+
 def is_inline_public_key(entry: str) -> bool:
+    """Whether a trusted_keys entry is an inline ``name:base64`` key rather than a path. Base64 may contain and
+    begin with "/", so a value of exactly a public key's length is a key whatever its characters; a shorter or
+    longer value is one only without a "/" (``ci:/keys/ci`` is a path). An existing file always wins."""
     name, sep, rest = entry.partition(":")
-    return bool(sep) and KEY_NAME_RE.fullmatch(name) is not None and "/" not in name and rest != "" and not rest.startswith(("/", "\\"))
+    if not sep or KEY_NAME_RE.fullmatch(name) is None or _BASE64_TEXT_RE.fullmatch(rest) is None:
+        return False
+    if "/" in rest and len(rest) != _PUBLIC_KEY_TEXT_CHARS:
+        return False
+    return not os.path.exists(os.path.expanduser(entry))
 
 
 def load_public_keys(entries: Iterable[str]) -> list[PublicKey]:
@@ -186,7 +197,7 @@ def load_public_keys(entries: Iterable[str]) -> list[PublicKey]:
         entry = entry.strip()
         if not entry:
             continue
-        if is_inline_public_key(entry) and not os.path.exists(entry):
+        if is_inline_public_key(entry):
             keys.append(PublicKey.parse(entry))
             continue
         path = os.path.expanduser(entry)

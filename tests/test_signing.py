@@ -112,6 +112,40 @@ def test_trusted_keys_from_environment_files_and_lists(tmp_path: Path, ci_key: S
         open_store(config=load_config({"url": "memory://x", "require_signatures": True}, env={"XDG_CONFIG_HOME": str(tmp_path / "xdg")}, cwd=tmp_path / "elsewhere"))
 
 
+def _key_whose_text(name: str, wanted) -> SecretKey:  # noqa: ANN001
+    """A key (seeds tried in order, so the same key every run) whose base64 text passes wanted."""
+    for i in range(100_000):
+        key = SecretKey(name, hashlib.sha256(f"{name}-{i}".encode()).digest())
+        if wanted(key.public.text().partition(":")[2]):
+            return key
+    raise AssertionError("no such key in 100,000 seeds")
+
+
+def test_keys_whose_base64_holds_or_begins_with_a_slash_are_keys_not_paths(tmp_path: Path) -> None:
+    # Base64 uses "/": about one key in 64 begins with it, most hold one. Each must read as a key from the
+    # environment, a config file and a .pub file, and still clash with another key of its name.
+    env = {"XDG_CONFIG_HOME": str(tmp_path / "xdg")}
+    begins = _key_whose_text("ci-1", lambda b64: b64.startswith("/"))
+    holds = _key_whose_text("ci-2", lambda b64: "/" in b64[1:] and not b64.startswith("/"))
+    both = f"{begins.public.text()},{holds.public.text()}"
+    config = load_config(env={**env, "CASTORE_TRUSTED_KEYS": both}, cwd=tmp_path)
+    assert list(config.trusted_keys) == [begins.public.text(), holds.public.text()]
+    assert [k.raw for k in load_public_keys(config.trusted_keys)] == [begins.public.raw, holds.public.raw]
+    (tmp_path / "castore.toml").write_text(f'trusted_keys = ["{begins.public.text()}"]\n')
+    assert list(load_config(env=env, cwd=tmp_path).trusted_keys) == [begins.public.text()]
+    _, pub_path = write_key_pair(begins, tmp_path / "keys")
+    assert [k.raw for k in load_public_keys([str(pub_path)])] == [begins.public.raw]
+    other = _key_whose_text("ci-1", lambda b64: b64.startswith("/") and b64 != begins.public.text().partition(":")[2])
+    with pytest.raises(ConfigError, match="two different trusted keys"):
+        load_config(env={**env, "CASTORE_TRUSTED_KEYS": f"{begins.public.text()},{other.public.text()}"}, cwd=tmp_path)
+    # A name:/path entry is still a path: a missing one is an error naming the file, an existing one is read.
+    with pytest.raises(ConfigError, match="cannot read public key file"):
+        load_config(env={**env, "CASTORE_TRUSTED_KEYS": "ci:/keys/missing"}, cwd=tmp_path)
+    (tmp_path / "ci:").mkdir()
+    (tmp_path / "ci:" / "ci.pub").write_text(holds.public.text() + "\n")
+    assert [k.raw for k in load_public_keys([str(tmp_path / "ci:" / "ci.pub")])] == [holds.public.raw]
+
+
 # -- the store -------------------------------------------------------------------------------------------
 def test_signed_entries_are_read_by_trusting_readers(backend, ci_key: SecretKey) -> None:  # noqa: ANN001
     writer = _store(backend, signing_key=ci_key, trusted=[ci_key])

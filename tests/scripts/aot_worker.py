@@ -59,19 +59,31 @@ def main() -> None:
 
     first_call = [0, 0, 0]  # the same during the compiled function's first call, the collector made eager
     count_first = counter(first_call)
+    second_call = [0, 0, 0]
+    count_second = counter(second_call)
 
     with torch.set_grad_enabled(train):
         expected = net(*inputs).detach()  # eager
+        gc.collect()  # counts from zero: a pass of the middle generation in aot_compile is then the load's own
         gc.callbacks.append(count)
         compiled = castore.torch.aot_compile(net, inputs)
         gc.callbacks.remove(count)
         thresholds = gc.get_threshold()
+        gc.collect()  # every generation's count from zero: what follows collects by the call's allocations alone
         gc.set_threshold(50, 1, 1)  # a pass of every generation every few allocations, were it on
         gc.callbacks.append(count_first)
         try:
             out = compiled(*inputs)
         finally:
             gc.callbacks.remove(count_first)
+        # The control: the second call runs with the collector on, under thresholds no call escapes (a young pass
+        # at almost every allocation), so zero collections there would mean these counts see nothing.
+        gc.set_threshold(1, 1, 1)
+        gc.callbacks.append(count_second)
+        try:
+            compiled(*inputs)
+        finally:
+            gc.callbacks.remove(count_second)
             gc.set_threshold(*thresholds)
         if train:
             out.float().pow(2).mean().backward()
@@ -110,6 +122,7 @@ def main() -> None:
         "namespace": session.namespace,
         "gc_collections_in_aot_compile": collections,
         "gc_collections_in_first_call": first_call,
+        "gc_collections_in_second_call": second_call,
         "gc_enabled_after": gc.isenabled(),
     }), flush=True)
 
