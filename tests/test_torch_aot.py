@@ -3,10 +3,11 @@
 A CI machine compiles a small module ahead of time into a file:// store, signing what it publishes. Fresh machines
 (empty Inductor, Triton, temp and castore dirs) that trust its key then: load it and compile nothing; miss on a
 changed forward, changed input shapes or another torch version; never load it when a function it traced changed
-outside the key's files; never run the writer's branch where a module-level flag differs (its guard is kept);
-load code that names its module's globals; fall back to torch.compile, with one log line, for a model that cannot
-be serialized; never unpickle an artifact planted without the key. Through SeaweedFS: `castore prewarm` and `castore pull` carry
-a training step's artifact to an offline machine.
+outside the key's files; never run the writer's branch where a module-level flag differs (its guard is kept); load
+code that names its module's globals; compile their own where the thread count differs and their C++ kernels hold it,
+load at any count where the code does not depend on it; fall back to torch.compile, with one log line, for a model
+that cannot be serialized; never unpickle an artifact planted without the key. Through SeaweedFS: `castore prewarm`
+and `castore pull` carry a training step's artifact to an offline machine.
 """
 
 from __future__ import annotations
@@ -254,6 +255,47 @@ def test_code_traced_after_a_recompile_loads_with_its_modules_globals(tmp_path: 
     assert reader["source"] == "store" and reader["max_abs_diff"] < 1e-5, (reader, stderr[-3000:])
 
 
+def test_where_cpp_kernels_hold_the_thread_count_another_count_compiles_its_own(tmp_path: Path) -> None:
+    """Inductor writes torch.get_num_threads() into its C++ kernels and Dynamo's global-state guard checks it: a
+    machine of another count (a torchrun worker at OMP_NUM_THREADS=1) finds a key of its own, compiles and
+    publishes for it, instead of loading an artifact whose guard rejects its every call."""
+    model = write_model(tmp_path / "src")
+    url = f"file://{tmp_path / 'store'}"
+    writer, _, _ = run_worker(machine(tmp_path / "w", CASTORE_URL=url, AOT_MODEL=str(model), AOT_THREADS="2"))
+    assert writer["source"] == "compiled" and writer["threads"] == 2 and not writer["fell_back"], writer
+    assert writer["guards"]["kept"].get("GLOBAL_STATE") and "global_state" not in writer["guards"], writer["guards"]
+    one, _, _ = run_worker(machine(tmp_path / "one", CASTORE_URL=url, AOT_MODEL=str(model), AOT_THREADS="1"))
+    assert one["key"] != writer["key"] and one["source"] == "compiled" and not one["fell_back"], one
+    again, _, _ = run_worker(machine(tmp_path / "again", CASTORE_URL=url, AOT_MODEL=str(model), AOT_THREADS="1"))
+    assert again["key"] == one["key"] and again["source"] == "store" and not again["fell_back"], again
+    assert again["max_abs_diff"] < 1e-5 and again["digest"] == writer["digest"], again
+
+
+def test_code_that_reads_the_thread_count_at_run_time_loads_at_any_count(tmp_path: Path) -> None:
+    """With cpp.dynamic_threads (or an accelerator's graph) the compiled code does not depend on the thread count:
+    the key leaves it out, and castore checks the rest of Dynamo's global state at each call, so a machine of
+    another count loads the artifact and runs it, a count changed after the load included; another global state
+    (TF32 matmuls switched on) still makes the call fall back to torch.compile, with one log line."""
+    model = write_model(tmp_path / "src")
+    common = {"CASTORE_URL": f"file://{tmp_path / 'store'}", "AOT_MODEL": str(model),
+              "TORCHINDUCTOR_CPP_DYNAMIC_THREADS": "1"}  # fmt: skip
+    writer, _, _ = run_worker(machine(tmp_path / "w", AOT_THREADS="2", **common))
+    assert writer["source"] == "compiled" and not writer["fell_back"], writer
+    assert writer["guards"]["global_state"] == "castore, without num_threads", writer["guards"]
+    assert writer["guards"]["dropped"].get("GLOBAL_STATE") == 1 and not writer["guards"]["kept"].get("GLOBAL_STATE")
+    reader, _, stderr = run_worker(machine(tmp_path / "r", AOT_THREADS="1", **common))
+    assert reader["key"] == writer["key"] and reader["source"] == "store", (reader, stderr[-3000:])
+    assert not reader["fell_back"], (reader, stderr[-3000:])
+    assert reader["max_abs_diff"] < 1e-5 and reader["digest"] == writer["digest"] and reader["threads"] == 1, reader
+    assert not compiled_nothing(reader), compiled_nothing(reader)
+    later, _, _ = run_worker(machine(tmp_path / "later", AOT_THREADS="1", AOT_AFTER_LOAD='{"threads": 2}', **common))
+    assert later["source"] == "store" and not later["fell_back"] and later["threads"] == 2, later
+    tf32, _, stderr = run_worker(machine(tmp_path / "tf32", AOT_AFTER_LOAD='{"tf32": true}', CASTORE_LOG="info",
+                                         **common))  # fmt: skip
+    assert tf32["source"] == "store" and tf32["fell_back"] and tf32["max_abs_diff"] < 1e-5, tf32
+    assert stderr.count("global state differs") == 1 and "allow_tf32: False -> True" in stderr, stderr[-3000:]
+
+
 def test_a_changed_forward_misses(published: dict[str, Any], tmp_path: Path) -> None:
     changed = MODEL.replace("y = torch.relu(self.fc(x))", "y = torch.sigmoid(self.fc(x))")
     assert changed != MODEL
@@ -335,6 +377,7 @@ def test_castore_stat_shows_the_guards_kept_and_dropped(published: dict[str, Any
     assert "guards kept:" in proc.stdout and "TENSOR_MATCH" in proc.stdout, proc.stdout
     assert "guards dropped:" in proc.stdout and "MODULE_MATCH" in proc.stdout, proc.stdout
     assert "aot.key.code" in proc.stdout and "trusted:     yes" in proc.stdout, proc.stdout
+    assert "global state checked by: Dynamo's guard" in proc.stdout, proc.stdout  # a CPU graph: the count in its key
 
 
 @pytest.mark.s3
@@ -485,6 +528,44 @@ def test_closure_values_and_module_attributes_are_part_of_the_key() -> None:
     a, b = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)
     b.scale = 3.0  # type: ignore[assignment]
     assert compute_key(a, (x,), {}).components["parameters"] != compute_key(b, (x,), {}).components["parameters"]
+
+
+@pytest.mark.torch
+def test_the_thread_count_is_in_the_key_only_where_the_compiled_code_depends_on_it() -> None:
+    import torch
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from castore.torch.aot_key import threads_free
+    from castore.torch.precompiled import compute_key
+
+    cpu = torch.randn(2, 3)
+    with FakeTensorMode():  # tensors that claim a CUDA device, on a machine without one
+        gpu = torch.empty(2, 3, device="cuda")
+        weight, bias = torch.empty(3, 3, device="cuda"), torch.empty(3, device="cuda")
+    on_gpu = torch.nn.Linear(3, 3, device="meta")
+    on_gpu.weight, on_gpu.bias = torch.nn.Parameter(weight), torch.nn.Parameter(bias)
+    assert threads_free(torch_function, (gpu,), {}, None) and threads_free(on_gpu, (gpu,), {}, None)
+    assert not threads_free(torch_function, (gpu, cpu), {}, None)  # a CPU input: C++ kernels
+    assert not threads_free(torch.nn.Linear(3, 3), (gpu,), {}, None)  # CPU parameters
+    assert not threads_free(torch_function, (2.0,), {}, None)  # no tensor: nothing says where it runs
+    assert threads_free(torch_function, (cpu,), {}, {"cpp.dynamic_threads": True})
+    assert threads_free(torch_function, (cpu,), {}, {"cpp.threads": 4})
+    before = torch.get_num_threads()
+    try:
+        keys = {}
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            plain = compute_key(torch_function, (cpu,), {}).key
+            keys[n] = (plain, compute_key(torch_function, (cpu,), {}, options={"cpp.dynamic_threads": True}).key)
+    finally:
+        torch.set_num_threads(before)
+    assert keys[1][0] != keys[2][0] and keys[1][1] == keys[2][1], keys
+    torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        tf32 = compute_key(torch_function, (cpu,), {}, options={"cpp.dynamic_threads": True}).key
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = False
+    assert tf32 != compute_key(torch_function, (cpu,), {}, options={"cpp.dynamic_threads": True}).key
 
 
 @pytest.mark.torch

@@ -266,6 +266,8 @@ def stat_cmd(ctx: click.Context, namespace: str, key: str, as_json: bool) -> Non
             else:
                 lines.append(f"guards kept:    {meta.get('aot.guards_kept', '?')}")
                 lines.append(f"guards dropped: {meta.get('aot.guards_dropped', '?')}")
+                if "aot.global_state" in meta:
+                    lines.append(f"global state checked by: {meta['aot.global_state']}")
         lines.append("meta:")
         lines.extend(f"  {k} = {v!r}" for k, v in sorted(meta.items()))
         return "\n".join(lines)

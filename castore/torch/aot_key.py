@@ -17,8 +17,9 @@ from typing import Any
 from castore.torch.package_versions import package_version
 
 KEY_PREFIX = "aot."
-RECIPE = 2  # version of what the key covers, and of the artifact (2: guards on globals' values kept): a change
-# misses every artifact written before
+RECIPE = 3  # version of what the key covers, and of the artifact (2: guards on globals' values kept; 3: Dynamo's
+# global state in the key, its thread count only where the compiled code depends on it): a change misses every
+# artifact written before
 MAX_META_TEXT = 2000  # longest text of one manifest field
 # Fingerprint fields left out of the key: the device index is part of each input's spec instead; the lists of
 # changed settings name what the config hashes cover, and change once a compile has set settings to their defaults.
@@ -33,6 +34,7 @@ class AotKey:
     key: str
     components: dict[str, str]  # component -> 16 hex digits of its SHA-256
     described: dict[str, str] = field(default_factory=dict)  # component -> short human-readable text
+    threads_free: bool = False  # the compiled code runs alike at any torch.get_num_threads() (threads_free())
 
 
 def _digest(text: str) -> str:
@@ -218,11 +220,61 @@ def _stable(value: Any) -> str:
     return repr(value)
 
 
-def global_state(dynamic: bool | None, options: dict[str, Any] | None, entry: str = "") -> str:
+def threads_free(target: Any, args: tuple[Any, ...], kwargs: dict[str, Any], options: dict[str, Any] | None) -> bool:
+    """Whether the compiled code runs alike at any thread count. Inductor's C++ kernels are generated for
+    ``torch.get_num_threads()`` (an OpenMP thread count written into them) unless ``cpp.threads`` fixes the count or
+    ``cpp.dynamic_threads`` reads it at run time; a graph whose inputs, parameters and buffers all live on an
+    accelerator gets Triton kernels, which do not depend on it. Dynamo's global-state guard checks the count all
+    the same: where this is true castore checks that state itself, the count left out (PrecompiledFunction), so
+    that a function prewarmed on a 32-core CI runner loads in a torchrun worker with OMP_NUM_THREADS=1."""
+    import torch
+    from torch.utils import _pytree as pytree
+
+    opts = options or {}
+    threads = opts.get("cpp.threads", _inductor_setting("cpp.threads"))
+    dynamic_threads = opts.get("cpp.dynamic_threads", _inductor_setting("cpp.dynamic_threads"))
+    if (isinstance(threads, int) and threads >= 1) or dynamic_threads is True:
+        return True
+    module = target if isinstance(target, torch.nn.Module) else getattr(target, "__self__", None)
+    tensors = [v for v in pytree.tree_leaves((args, kwargs)) if isinstance(v, torch.Tensor)]
+    if isinstance(module, torch.nn.Module):
+        tensors += [*module.parameters(), *module.buffers()]
+    return bool(tensors) and all(t.device.type not in ("cpu", "meta") for t in tensors)
+
+
+def _inductor_setting(dotted: str) -> Any:
+    import sys as _sys
+
+    config: Any = _sys.modules.get("torch._inductor.config")
+    if config is None:
+        import torch._inductor.config as config
+    for part in dotted.split("."):
+        config = getattr(config, part, None)
+    return config
+
+
+def dynamo_global_state(free_threads: bool) -> dict[str, Any]:
+    """What Dynamo's global-state guard compares (grad mode, autocast, TF32 and reduced-precision matmul flags,
+    deterministic algorithms, the default dtype, torch-function state, the thread count), the thread count left
+    out where free_threads. Empty where this torch has no such guard."""
+    try:
+        from torch._C._dynamo.guards import GlobalStateGuard
+
+        state = json.loads(GlobalStateGuard().__getstate__())
+    except Exception:  # noqa: BLE001 - another torch: the fields global_state() names still count
+        return {}
+    if free_threads:
+        state.pop("num_threads", None)
+    return state
+
+
+def global_state(dynamic: bool | None, options: dict[str, Any] | None, entry: str = "",
+                 free_threads: bool = False) -> str:  # fmt: skip
     """What Dynamo's global-state guard checks, the compile settings and how the target is entered (AotPlan)."""
     import torch
 
     state = {
+        "guarded": dynamo_global_state(free_threads),
         "entry": entry,
         "grad": torch.is_grad_enabled(),
         "inference_mode": torch.is_inference_mode_enabled(),
@@ -254,11 +306,12 @@ def compute_key(target: Any, args: tuple[Any, ...], kwargs: dict[str, Any], *, d
     (castore.torch.precompiled.plan_for)."""
     code, code_shown = code_identity(target)
     inputs = input_specs(args, kwargs, dynamic)
+    free = threads_free(target, args, kwargs, options)
     components = {
         "code": code,
         "inputs": inputs,
         "parameters": parameter_specs(target),
-        "settings": global_state(dynamic, options, entry),
+        "settings": global_state(dynamic, options, entry, free),
         "environment": environment(),
     }
     digests = {name: _digest(text)[:16] for name, text in components.items()}
@@ -268,4 +321,4 @@ def compute_key(target: Any, args: tuple[Any, ...], kwargs: dict[str, Any], *, d
         "inputs": "; ".join(inputs.splitlines()[1:])[:MAX_META_TEXT],
         "settings": components["settings"][:MAX_META_TEXT],
     }
-    return AotKey(KEY_PREFIX + whole, digests, described)
+    return AotKey(KEY_PREFIX + whole, digests, described, threads_free=free)

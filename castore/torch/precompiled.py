@@ -129,6 +129,10 @@ class GuardRecord:
     kept: Counter[str] = field(default_factory=Counter)
     dropped: Counter[str] = field(default_factory=Counter)
     dropped_names: list[str] = field(default_factory=list)
+    # Where the compiled code runs alike at any thread count (aot_key.threads_free), Dynamo's global-state guard
+    # is dropped and castore checks that state at each call without the count (GlobalStateCheck).
+    free_threads: bool = False
+    global_state_by_castore: bool = False
 
     def filter(self, user_filter: Callable[[Any], Any] | None) -> Callable[[Any], list[bool]]:
         def guard_filter(entries: Any) -> list[bool]:
@@ -136,8 +140,11 @@ class GuardRecord:
                 keep = [bool(k) for k in user_filter(entries)]
             else:  # torch's own default for aot_compile, but for the guards on a global's value
                 unserializable = _unserializable_guard_types()
+                by_castore = self.free_threads and GlobalStateCheck.available()
                 keep = [g.guard_type not in unserializable and (not g.is_global or g.guard_type in GLOBAL_VALUE_GUARDS)
+                        and not (by_castore and g.guard_type == GLOBAL_STATE_GUARD)
                         for g in entries]  # fmt: skip
+                self.global_state_by_castore = by_castore and any(g.guard_type == GLOBAL_STATE_GUARD for g in entries)
             self.kept.clear(), self.dropped.clear(), self.dropped_names.clear()
             for g, k in zip(entries, keep):
                 if k:
@@ -150,11 +157,62 @@ class GuardRecord:
         return guard_filter
 
     def to_header(self) -> dict[str, Any]:
-        return {"kept": dict(self.kept), "dropped": dict(self.dropped), "dropped_names": self.dropped_names[:200]}
+        header: dict[str, Any] = {"kept": dict(self.kept), "dropped": dict(self.dropped),
+                                  "dropped_names": self.dropped_names[:200]}  # fmt: skip
+        if self.global_state_by_castore:
+            header["global_state"] = GlobalStateCheck.HEADER
+        return header
 
     @staticmethod
     def text(counts: dict[str, int]) -> str:
         return ", ".join(f"{name} {n}" for name, n in sorted(counts.items())) or "none"
+
+
+GLOBAL_STATE_GUARD = "GLOBAL_STATE"
+
+
+class GlobalStateCheck:
+    """Dynamo's global-state guard without the thread count, for compiled code that does not depend on it: the
+    state when the function was loaded (or compiled), which the key made the writer's but for the count, checked
+    at each call in C++; a mismatch is compared again field by field, so that only another count passes."""
+
+    HEADER = "castore, without num_threads"
+
+    def __init__(self) -> None:
+        from torch._C._dynamo.guards import GlobalStateGuard
+
+        self._new = GlobalStateGuard
+        self._guard = GlobalStateGuard()
+        self._state = self._fields(self._guard)
+
+    @staticmethod
+    def available() -> bool:
+        try:
+            from torch._C._dynamo.guards import GlobalStateGuard
+
+            return "num_threads" in json.loads(GlobalStateGuard().__getstate__())
+        except Exception:  # noqa: BLE001 - another torch: Dynamo's own guard stays
+            return False
+
+    @staticmethod
+    def _fields(guard: Any) -> dict[str, Any]:
+        state = json.loads(guard.__getstate__())
+        state.pop("num_threads", None)
+        return state
+
+    def check(self) -> bool:
+        if self._guard.check():
+            return True
+        now = self._new()
+        if self._fields(now) != self._state:
+            return False
+        self._guard = now  # only the thread count changed
+        return True
+
+    def differences(self) -> str:
+        now = self._fields(self._new())
+        return ", ".join(f"{k}: {self._state.get(k)!r} -> {now.get(k)!r}" for k in sorted(set(now) | set(self._state))
+                         if now.get(k) != self._state.get(k))[:300] or "none"  # fmt: skip
 
 
 def _unserializable_guard_types() -> tuple[str, ...]:
@@ -340,9 +398,17 @@ class PrecompiledFunction:
         # like the load, it runs with the cyclic collector held off.
         self._first_call = source == "store"
         self._self_arg = plan_for(target).self_arg
+        by_castore = compiled is not None and self.guards.get("global_state") == GlobalStateCheck.HEADER
+        self._global_state = GlobalStateCheck() if by_castore else None
         if compiled is not None and hasattr(compiled, "guard_check") and hasattr(compiled, "disable_guard_check"):
             compiled.disable_guard_check()  # checked here instead, to run torch.compile on a mismatch
             self._checks_guards = True
+
+    @property
+    def fell_back(self) -> bool:
+        """Whether calls now go to torch.compile: from the start (source "fallback"), or since the guards or the
+        global state rejected a call."""
+        return self._compiled is None
 
     def _torch_compiled(self) -> Any:
         with self._fallback_lock:
@@ -359,6 +425,12 @@ class PrecompiledFunction:
         # A module's compiled __call__ takes the module as its first argument (PyTorch's signature is the unbound
         # method's): the module of this process, whose parameters the graph reads at each call.
         full = (self._self_arg, *args) if self._self_arg is not None else args
+        if self._global_state is not None and not self._global_state.check():
+            self._compiled = None
+            log.info("castore: %s: the global state differs from the one the ahead-of-time function was compiled "
+                     "for (%s); using torch.compile from now on", describe_target(self.target),
+                     self._global_state.differences())  # fmt: skip
+            return self._torch_compiled()(*args, **kwargs)
         if self._checks_guards and not compiled.guard_check(*full, **kwargs):
             self._compiled = None
             log.info("castore: %s: the ahead-of-time compiled function's guards reject these inputs (%s); using "
@@ -408,6 +480,7 @@ def _manifest_meta(key: AotKey, target: Any, header: dict[str, Any]) -> dict[str
         meta["aot.guards_kept"] = GuardRecord.text(guards.get("kept", {}))
         meta["aot.guards_dropped"] = GuardRecord.text(guards.get("dropped", {}))
         meta["aot.guards_dropped_names"] = "; ".join(guards.get("dropped_names", []))[:MAX_META_TEXT]
+        meta["aot.global_state"] = str(guards.get("global_state", "Dynamo's guard"))
         meta["aot.traced_sources"] = len(header.get("sources", []))
     return meta
 
@@ -464,7 +537,7 @@ def aot_compile(target: Any, example_args: tuple[Any, ...] | Any = (), example_k
                 compiled, header = loaded
                 return PrecompiledFunction(target, key, "store", compiled, guards=header.get("guards"),
                                            dynamic=dynamic, options=options, seconds=time.monotonic() - started)  # fmt: skip
-    guards = GuardRecord()
+    guards = GuardRecord(free_threads=key.threads_free)
     try:
         compiled, payload = compile_ahead(target, args, kwargs, dynamic=dynamic, options=options, guards=guards)
     except Exception as exc:  # noqa: BLE001 - graph breaks, unserializable guards or objects, a torch without it

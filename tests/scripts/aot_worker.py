@@ -8,6 +8,9 @@
     AOT_HOOK=1                   a forward pre-hook on the module (halves its input)
     AOT_SCALE_WEIGHTS=1.5        this process's weights differ from the writer's (a checkpoint loaded)
     AOT_GLOBALS='{"FLAG": true}' module-level globals of the model set before it is built (a flag set otherwise)
+    AOT_THREADS=2                torch.set_num_threads before anything (a machine of another core count)
+    AOT_AFTER_LOAD='{"threads": 1, "tf32": true}'
+                                 set between aot_compile and the first call: the thread count, CUDA matmul TF32
 """
 
 from __future__ import annotations
@@ -37,6 +40,8 @@ def main() -> None:
     spec.loader.exec_module(module)
     for name, value in json.loads(os.environ.get("AOT_GLOBALS", "{}")).items():
         setattr(module, name, value)
+    if os.environ.get("AOT_THREADS"):
+        torch.set_num_threads(int(os.environ["AOT_THREADS"]))
     torch.manual_seed(0)
     net, inputs = module.make(int(os.environ.get("AOT_BATCH", "4")))
     train = os.environ.get("AOT_TRAIN") == "1"
@@ -68,6 +73,11 @@ def main() -> None:
         gc.callbacks.append(count)
         compiled = castore.torch.aot_compile(net, inputs)
         gc.callbacks.remove(count)
+        after_load = json.loads(os.environ.get("AOT_AFTER_LOAD", "{}"))
+        if "threads" in after_load:
+            torch.set_num_threads(int(after_load["threads"]))
+        if "tf32" in after_load:
+            torch.backends.cuda.matmul.allow_tf32 = bool(after_load["tf32"])
         thresholds = gc.get_threshold()
         gc.collect()  # every generation's count from zero: what follows collects by the call's allocations alone
         gc.set_threshold(50, 1, 1)  # a pass of every generation every few allocations, were it on
@@ -108,6 +118,8 @@ def main() -> None:
     print(json.dumps({
         "source": compiled.source,
         "reason": compiled.reason,
+        "fell_back": compiled.fell_back,
+        "threads": torch.get_num_threads(),
         "key": compiled.key,
         "guards": compiled.guards,
         "digest": h.hexdigest()[:16],
