@@ -511,7 +511,7 @@ def torch_function(x: float) -> float:
 
 
 @pytest.mark.torch
-def test_closure_values_and_module_attributes_are_part_of_the_key() -> None:
+def test_closure_values_module_attributes_and_submodule_classes_are_part_of_the_key() -> None:
     import torch
 
     from castore.torch.precompiled import compute_key
@@ -528,6 +528,11 @@ def test_closure_values_and_module_attributes_are_part_of_the_key() -> None:
     a, b = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)
     b.scale = 3.0  # type: ignore[assignment]
     assert compute_key(a, (x,), {}).components["parameters"] != compute_key(b, (x,), {}).components["parameters"]
+    # Submodules of torch's own classes, alike in parameters and attributes, that compute otherwise.
+    tanh = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Tanh())
+    sigmoid = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Sigmoid())
+    assert compute_key(tanh, (x,), {}).components["code"] == compute_key(sigmoid, (x,), {}).components["code"]
+    assert compute_key(tanh, (x,), {}).key != compute_key(sigmoid, (x,), {}).key
 
 
 @pytest.mark.torch

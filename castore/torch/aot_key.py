@@ -18,8 +18,8 @@ from castore.torch.package_versions import package_version
 
 KEY_PREFIX = "aot."
 RECIPE = 3  # version of what the key covers, and of the artifact (2: guards on globals' values kept; 3: Dynamo's
-# global state in the key, its thread count only where the compiled code depends on it): a change misses every
-# artifact written before
+# global state in the key, its thread count only where the compiled code depends on it, each submodule's class):
+# a change misses every artifact written before
 MAX_META_TEXT = 2000  # longest text of one manifest field
 # Fingerprint fields left out of the key: the device index is part of each input's spec instead; the lists of
 # changed settings name what the config hashes cover, and change once a compile has set settings to their defaults.
@@ -205,6 +205,9 @@ def parameter_specs(target: Any) -> str:
     lines += [f"buffer {n} {_tensor_spec(b, False)}" for n, b in module.named_buffers(remove_duplicate=False)]
     lines.append("training " + "".join("1" if m.training else "0" for m in module.modules()))
     for prefix, m in module.named_modules(remove_duplicate=False):
+        # Each submodule's class by name, torch's own too (the code component hashes only the others' code):
+        # Sequential(Linear, Tanh) and Sequential(Linear, Sigmoid) have the same parameters.
+        lines.append(f"module {prefix or '.'} {type(m).__module__}.{type(m).__qualname__}")
         # Plain attributes the forward may read (a scale, a flag): Dynamo guards on them as constants.
         for attr, value in sorted(vars(m).items()):
             if not attr.startswith("_") and attr != "training" and (value is None or isinstance(value, (bool, int, float, str))):
