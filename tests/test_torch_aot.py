@@ -296,6 +296,19 @@ def test_code_that_reads_the_thread_count_at_run_time_loads_at_any_count(tmp_pat
     assert stderr.count("global state differs") == 1 and "allow_tf32: False -> True" in stderr, stderr[-3000:]
 
 
+def test_inputs_the_guards_reject_go_to_torch_compile_and_the_rest_still_run_the_stored_function(
+        published: dict[str, Any], tmp_path: Path) -> None:  # fmt: skip
+    """An epoch's smaller last batch: that call runs torch.compile (one log line), and the usual batch after it runs
+    the stored function again, not a second compile."""
+    result, _, stderr = run_worker(fleet(published, tmp_path, AOT_LATER_BATCHES="3,4,3,4", CASTORE_LOG="info"))
+    assert result["source"] == "store", result
+    later = result["later"]
+    assert [r["torch_compile_calls"] for r in later] == [1, 1, 2, 2], later
+    assert all(r["max_abs_diff"] < 1e-5 for r in later), later
+    assert result["frames"].get("ok") == 1, result["frames"]  # Dynamo traced the batch of 3 alone
+    assert stderr.count("guards reject these inputs") == 1, stderr[-3000:]
+
+
 def test_a_changed_forward_misses(published: dict[str, Any], tmp_path: Path) -> None:
     changed = MODEL.replace("y = torch.relu(self.fc(x))", "y = torch.sigmoid(self.fc(x))")
     assert changed != MODEL

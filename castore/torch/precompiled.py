@@ -21,6 +21,7 @@ again. A store failure never breaks compilation: it is a miss.
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib
 import inspect
 import io
@@ -374,8 +375,9 @@ class PrecompiledFunction:
     """What :func:`aot_compile` returns: call it as the target (a module: with its forward's arguments).
 
     ``source`` says where the compiled function came from: ``"store"`` (loaded; nothing traced or compiled),
-    ``"compiled"`` (compiled here and published) or ``"fallback"`` (torch.compile; ``reason`` says why). Inputs
-    that the artifact's guards reject (another shape, grad mode) are run through torch.compile, with one log line.
+    ``"compiled"`` (compiled here and published) or ``"fallback"`` (torch.compile; ``reason`` says why). A call
+    whose inputs the artifact's guards reject (another shape, grad mode) is run by torch.compile (one log line the
+    first time); the calls they accept still run the stored function.
     """
 
     def __init__(self, target: Any, key: AotKey | None, source: str, compiled: Any = None, *, reason: str | None = None,
@@ -397,6 +399,8 @@ class PrecompiledFunction:
         # A loaded function's first call finishes its load (Inductor's kernels are set up as they are first run):
         # like the load, it runs with the cyclic collector held off.
         self._first_call = source == "store"
+        self.torch_compile_calls = 0  # calls the stored function's guards or global state rejected
+        self._said: set[str] = set()  # what rejected a call, logged once each
         self._self_arg = plan_for(target).self_arg
         by_castore = compiled is not None and self.guards.get("global_state") == GlobalStateCheck.HEADER
         self._global_state = GlobalStateCheck() if by_castore else None
@@ -406,9 +410,9 @@ class PrecompiledFunction:
 
     @property
     def fell_back(self) -> bool:
-        """Whether calls now go to torch.compile: from the start (source "fallback"), or since the guards or the
-        global state rejected a call."""
-        return self._compiled is None
+        """Whether calls have gone to torch.compile: all of them (source "fallback"), or those the guards or the
+        global state rejected."""
+        return self._compiled is None or self.torch_compile_calls > 0
 
     def _torch_compiled(self) -> Any:
         with self._fallback_lock:
@@ -425,22 +429,27 @@ class PrecompiledFunction:
         # A module's compiled __call__ takes the module as its first argument (PyTorch's signature is the unbound
         # method's): the module of this process, whose parameters the graph reads at each call.
         full = (self._self_arg, *args) if self._self_arg is not None else args
-        if self._global_state is not None and not self._global_state.check():
-            self._compiled = None
-            log.info("castore: %s: the global state differs from the one the ahead-of-time function was compiled "
-                     "for (%s); using torch.compile from now on", describe_target(self.target),
-                     self._global_state.differences())  # fmt: skip
-            return self._torch_compiled()(*args, **kwargs)
+        state = self._global_state
+        if state is not None and not state.check():
+            return self._rejected("the global state differs from the one it was compiled for", state.differences, args, kwargs)
         if self._checks_guards and not compiled.guard_check(*full, **kwargs):
-            self._compiled = None
-            log.info("castore: %s: the ahead-of-time compiled function's guards reject these inputs (%s); using "
-                     "torch.compile from now on", describe_target(self.target), _guard_failure(compiled, full, kwargs))  # fmt: skip
-            return self._torch_compiled()(*args, **kwargs)
+            failure = functools.partial(_guard_failure, compiled, full, kwargs)
+            return self._rejected("its guards reject these inputs", failure, args, kwargs)
         if self._first_call:
             self._first_call = False
             with collector.paused():
                 return compiled(*full, **kwargs)
         return compiled(*full, **kwargs)
+
+    def _rejected(self, what: str, detail: Callable[[], str], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        """One call the stored function may not run, run by torch.compile instead. The stored function stays for
+        the calls it accepts: an epoch's smaller last batch does not make the usual batch compile again."""
+        self.torch_compile_calls += 1
+        if what not in self._said:
+            self._said.add(what)
+            log.info("castore: %s: the ahead-of-time compiled function is not used where %s (%s); torch.compile runs "
+                     "those calls", describe_target(self.target), what, detail())  # fmt: skip
+        return self._torch_compiled()(*args, **kwargs)
 
     def __repr__(self) -> str:
         return f"<PrecompiledFunction {describe_target(self.target)} from {self.source}{f' ({self.reason})' if self.reason else ''}>"

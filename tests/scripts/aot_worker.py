@@ -11,6 +11,7 @@
     AOT_THREADS=2                torch.set_num_threads before anything (a machine of another core count)
     AOT_AFTER_LOAD='{"threads": 1, "tf32": true}'
                                  set between aot_compile and the first call: the thread count, CUDA matmul TF32
+    AOT_LATER_BATCHES=3,4        after the first call, call again with inputs of these batch sizes (reported as "later")
 """
 
 from __future__ import annotations
@@ -98,6 +99,13 @@ def main() -> None:
         if train:
             out.float().pow(2).mean().backward()
     grads = [p.grad for p in net.parameters() if p.grad is not None]
+    later = []
+    for batch in [int(b) for b in os.environ.get("AOT_LATER_BATCHES", "").split(",") if b]:
+        with torch.no_grad():
+            more = module.make(batch)[1]
+            got = compiled(*more)
+            later.append({"batch": batch, "max_abs_diff": float((got - net(*more)).abs().max()),
+                          "torch_compile_calls": compiled.torch_compile_calls})  # fmt: skip
     second = None
     if os.environ.get("AOT_TWICE") == "1":
         session = castore.torch.active_session()
@@ -119,6 +127,7 @@ def main() -> None:
         "source": compiled.source,
         "reason": compiled.reason,
         "fell_back": compiled.fell_back,
+        "later": later,
         "threads": torch.get_num_threads(),
         "key": compiled.key,
         "guards": compiled.guards,
