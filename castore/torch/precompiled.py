@@ -402,8 +402,14 @@ class PrecompiledFunction:
         self.torch_compile_calls = 0  # calls the stored function's guards or global state rejected
         self._said: set[str] = set()  # what rejected a call, logged once each
         self._self_arg = plan_for(target).self_arg
-        by_castore = compiled is not None and self.guards.get("global_state") == GlobalStateCheck.HEADER
-        self._global_state = GlobalStateCheck() if by_castore else None
+        self._global_state: GlobalStateCheck | None = None
+        if compiled is not None and self.guards.get("global_state") == GlobalStateCheck.HEADER:
+            try:
+                self._global_state = GlobalStateCheck()
+            except Exception as exc:  # noqa: BLE001 - unchecked, the stored function must not run
+                log.warning("castore: %s: cannot check the global state (%s); using torch.compile",
+                            describe_target(target), exc)  # fmt: skip
+                self._compiled = None
         if compiled is not None and hasattr(compiled, "guard_check") and hasattr(compiled, "disable_guard_check"):
             compiled.disable_guard_check()  # checked here instead, to run torch.compile on a mismatch
             self._checks_guards = True
