@@ -309,6 +309,53 @@ def test_inputs_the_guards_reject_go_to_torch_compile_and_the_rest_still_run_the
     assert stderr.count("guards reject these inputs") == 1, stderr[-3000:]
 
 
+CLOSURE_SCRIPT = """\
+import json, sys, torch, castore.torch
+
+def make(op, bias, table):
+    def fn(x, scale=torch.full((4,), bias)):
+        return op(x) * scale + table[-1]
+    return fn
+
+table = [0.0] * 20_000  # longer than the key describes item by item
+table[-1] = float(sys.argv[3])
+fn = make({"relu": torch.relu, "sigmoid": torch.sigmoid}[sys.argv[1]], float(sys.argv[2]), table)
+x = torch.randn(2, 4)
+with torch.no_grad():
+    compiled = castore.torch.aot_compile(fn, (x,))
+    diff = float((compiled(x) - fn(x)).abs().max())
+castore.torch.active_session().flush(120)
+print(json.dumps({"source": compiled.source, "key": compiled.key, "max_abs_diff": diff}))
+"""
+
+
+def test_a_function_made_with_other_closure_values_or_defaults_never_runs_the_writers(tmp_path: Path) -> None:
+    """PyTorch pickles the writer's closure into the artifact and binds the stored signature's defaults: a reader whose
+    function closes over another op, or has another tensor default, would compute with the writer's. Those values are
+    in the key; one the key describes by size alone (a long list) is compared with the stored one before the load."""
+    script = tmp_path / "closure.py"
+    script.write_text(CLOSURE_SCRIPT)
+    url = f"file://{tmp_path / 'store'}"
+
+    def run(name: str, *argv: str) -> tuple[dict[str, Any], str]:
+        env = machine(tmp_path / name, CASTORE_URL=url, CASTORE_LOG="info")
+        proc = subprocess.run([sys.executable, str(script), *argv], env=env, cwd=env["TMPDIR"], capture_output=True,
+                              text=True, timeout=600)  # fmt: skip
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return json.loads(proc.stdout.strip().splitlines()[-1]), proc.stderr
+
+    writer, _ = run("w", "relu", "1", "5")
+    assert writer["source"] == "compiled" and writer["max_abs_diff"] < 1e-5, writer
+    for name, argv in (("op", ("sigmoid", "1", "5")), ("default", ("relu", "2", "5"))):
+        other, _ = run(name, *argv)
+        assert other["key"] != writer["key"] and other["source"] == "compiled" and other["max_abs_diff"] < 1e-5, other
+    same, _ = run("same", "relu", "1", "5")
+    assert same["key"] == writer["key"] and same["source"] == "store" and same["max_abs_diff"] < 1e-5, same
+    last_item, stderr = run("table", "relu", "1", "7")
+    assert last_item["key"] == writer["key"] and last_item["source"] == "compiled", last_item
+    assert last_item["max_abs_diff"] < 1e-5 and "stale (closure value 'table' differs)" in stderr, stderr[-3000:]
+
+
 def test_a_changed_forward_misses(published: dict[str, Any], tmp_path: Path) -> None:
     changed = MODEL.replace("y = torch.relu(self.fc(x))", "y = torch.sigmoid(self.fc(x))")
     assert changed != MODEL

@@ -14,12 +14,13 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+from castore.torch.bound_values import describe as describe_bound
 from castore.torch.package_versions import package_version
 
 KEY_PREFIX = "aot."
 RECIPE = 3  # version of what the key covers, and of the artifact (2: guards on globals' values kept; 3: Dynamo's
-# global state in the key, its thread count only where the compiled code depends on it, each submodule's class):
-# a change misses every artifact written before
+# global state in the key, its thread count only where the compiled code depends on it, each submodule's class,
+# closure and default values by content): a change misses every artifact written before
 MAX_META_TEXT = 2000  # longest text of one manifest field
 # Fingerprint fields left out of the key: the device index is part of each input's spec instead; the lists of
 # changed settings name what the config hashes cover, and change once a compile has set settings to their defaults.
@@ -138,16 +139,17 @@ def code_identity(target: Any) -> tuple[str, str]:
 
 
 def _bound_values(fn: Any) -> str:
-    """A function's closure cells and default values: Dynamo bakes them into the graph (their guards are among
-    those dropped), so a function made with other values is another key."""
+    """A function's closure cells and default values: the artifact carries the writer's (PyTorch pickles the closure
+    and binds the stored signature's defaults), so a function made with other values is another key; what
+    describe() cannot tell apart, the check before a load does (castore.torch.bound_values)."""
     cells = []
     for cell in getattr(fn, "__closure__", None) or ():
         try:
-            cells.append(_value_spec(cell.cell_contents, None))
+            cells.append(describe_bound(cell.cell_contents))
         except ValueError:  # an empty cell
             cells.append("<empty>")
-    defaults = [_value_spec(v, None) for v in getattr(fn, "__defaults__", None) or ()]
-    kwdefaults = [f"{k}={_value_spec(v, None)}" for k, v in sorted((getattr(fn, "__kwdefaults__", None) or {}).items())]
+    defaults = [describe_bound(v) for v in getattr(fn, "__defaults__", None) or ()]
+    kwdefaults = [f"{k}={describe_bound(v)}" for k, v in sorted((getattr(fn, "__kwdefaults__", None) or {}).items())]
     return f"closure({'; '.join(cells)}) defaults({'; '.join(defaults + kwdefaults)})"
 
 

@@ -39,6 +39,7 @@ from typing import Any
 from castore.torch import collector
 from castore.torch.aot_key import MAX_META_TEXT, AotKey, _digest
 from castore.torch.aot_key import compute_key as _compute_key
+from castore.torch.bound_values import first_difference
 
 log = logging.getLogger("castore.torch")
 
@@ -595,11 +596,16 @@ def _load_stored(target: Any, key: AotKey, data: bytes, name: str) -> tuple[Any,
         log.info("castore: %s: stored ahead-of-time function is stale (%s); compiling", name, stale)
         return None
     try:
-        return load_payload(target, payload), header
+        compiled = load_payload(target, payload)
+        difference = first_difference(plan_for(target).fn, compiled)
     except Exception as exc:  # noqa: BLE001 - another torch's format, a missing external object
         log.warning("castore: %s: loading the stored ahead-of-time function failed (%s: %s); compiling", name,
                     type(exc).__name__, str(exc)[:300])  # fmt: skip
         return None
+    if difference is not None:  # values the key describes by type only (an object without a value of its own)
+        log.info("castore: %s: stored ahead-of-time function is stale (%s differs); compiling", name, difference)
+        return None
+    return compiled, header
 
 
 __all__ = ["CACHE", "AotKey", "PrecompiledFunction", "aot_compile", "compute_key", "decode_value", "encode_value"]
