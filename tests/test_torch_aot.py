@@ -162,13 +162,25 @@ def test_the_loaded_function_reads_this_processs_parameters(published: dict[str,
 
 
 def test_a_module_with_hooks_is_compiled_through_its_call(tmp_path: Path) -> None:
-    """A forward pre-hook runs in the compiled function, stored and loaded alike."""
+    """A forward pre-hook runs in the compiled function, stored and loaded alike, and the function called with the
+    forward's arguments runs the stored code (it was once given the module too, and its guards sent every call to
+    torch.compile)."""
     model = write_model(tmp_path / "src")
     env = machine(tmp_path / "m", CASTORE_URL=f"file://{tmp_path / 'store'}", AOT_MODEL=str(model), AOT_HOOK="1",
                   AOT_TWICE="1")  # fmt: skip
     result, _, _ = run_worker(env)
-    assert result["source"] == "compiled" and result["max_abs_diff"] < 1e-5, result
-    assert result["second"]["source"] == "store" and result["second"]["max_abs_diff"] < 1e-5, result["second"]
+    assert result["source"] == "compiled" and result["max_abs_diff"] < 1e-5 and not result["fell_back"], result
+    second = result["second"]
+    assert second["source"] == "store" and second["max_abs_diff"] < 1e-5 and not second["fell_back"], second
+    # A hook made with another value (its closure) is another key: never the writer's scaling.
+    other, _, _ = run_worker({**env, "AOT_HOOK_SCALE": "0.25", "AOT_TWICE": "0"})
+    assert other["key"] != result["key"] and other["source"] == "compiled" and other["max_abs_diff"] < 1e-5, other
+    # A module of torch's own classes: Dynamo traces a wrapper that takes the forward's arguments alone.
+    torch_classes = write_model(tmp_path / "seq", "import torch\nfrom torch import nn\n\n\ndef make(batch):\n"
+                                "    return nn.Sequential(nn.Linear(16, 16), nn.ReLU()), (torch.randn(batch, 16),)\n")  # fmt: skip
+    seq, _, _ = run_worker({**env, "AOT_MODEL": str(torch_classes)})
+    assert seq["source"] == "compiled" and seq["max_abs_diff"] < 1e-5 and not seq["fell_back"], seq
+    assert seq["second"]["source"] == "store" and not seq["second"]["fell_back"], seq["second"]
 
 
 FLAG_MODEL = """\

@@ -20,7 +20,7 @@ from castore.torch.package_versions import package_version
 KEY_PREFIX = "aot."
 RECIPE = 3  # version of what the key covers, and of the artifact (2: guards on globals' values kept; 3: Dynamo's
 # global state in the key, its thread count only where the compiled code depends on it, each submodule's class,
-# closure and default values by content): a change misses every artifact written before
+# closure and default values by content, hooks): a change misses every artifact written before
 MAX_META_TEXT = 2000  # longest text of one manifest field
 # Fingerprint fields left out of the key: the device index is part of each input's spec instead; the lists of
 # changed settings name what the config hashes cover, and change once a compile has set settings to their defaults.
@@ -106,6 +106,22 @@ def _modules_of(target: Any) -> Iterable[Any]:
     return ()
 
 
+_HOOK_DICTS = ("_forward_pre_hooks", "_forward_hooks", "_backward_pre_hooks", "_backward_hooks")
+
+
+def _hooks(module: Any) -> list[Any]:
+    """A module's own hooks, in the order they run."""
+    return [hook for name in _HOOK_DICTS for hook in (getattr(module, name, None) or {}).values()]
+
+
+def _global_hooks() -> list[Any]:
+    """The hooks registered for every module (``register_module_forward_hook`` and friends)."""
+    from torch.nn.modules import module as module_module
+
+    names = ("_global_forward_pre_hooks", "_global_forward_hooks", "_global_backward_pre_hooks", "_global_backward_hooks")
+    return [hook for name in names for hook in (getattr(module_module, name, None) or {}).values()]
+
+
 def code_identity(target: Any) -> tuple[str, str]:
     """(text hashed into the key, short description): the code of a module's classes (every submodule's, and
     their bases outside torch; torch's own are its version, in the fingerprint), a forward set on an instance,
@@ -121,6 +137,9 @@ def code_identity(target: Any) -> tuple[str, str]:
     for m in _modules_of(target):
         if "forward" in vars(m):  # a forward assigned to the instance
             functions.append(vars(m)["forward"])
+        functions.extend(_hooks(m))  # traced inline through the module's __call__, with their closures
+    if _modules_of(target):
+        functions.extend(_global_hooks())
     if not isinstance(target, type) and not _classes_of(target):
         functions.append(target)
     for fn in functions:

@@ -402,7 +402,11 @@ class PrecompiledFunction:
         self._first_call = source == "store"
         self.torch_compile_calls = 0  # calls the stored function's guards or global state rejected
         self._said: set[str] = set()  # what rejected a call, logged once each
-        self._self_arg = plan_for(target).self_arg
+        plan = plan_for(target)
+        # Compiled through the unbound forward or a method, the module comes first. Through a module's __call__,
+        # Dynamo traces either Module._wrapped_call_impl (self first: a module class of its own) or a wrapper
+        # taking the forward's arguments alone (torch's own classes): the stored signature says which.
+        self._self_arg = plan.self_arg if plan.entry != "__call__" or _takes_self(compiled) else None
         self._global_state: GlobalStateCheck | None = None
         if compiled is not None and self.guards.get("global_state") == GlobalStateCheck.HEADER:
             try:
@@ -460,6 +464,15 @@ class PrecompiledFunction:
 
     def __repr__(self) -> str:
         return f"<PrecompiledFunction {describe_target(self.target)} from {self.source}{f' ({self.reason})' if self.reason else ''}>"
+
+
+def _takes_self(compiled: Any) -> bool:
+    """Whether a function compiled through a module's __call__ takes the module as its first argument."""
+    signature = getattr(getattr(compiled, "_artifacts", None), "signature", None)
+    if not isinstance(signature, inspect.Signature):
+        return True  # another torch: as the forward's entry
+    first = next(iter(signature.parameters.values()), None)
+    return first is not None and first.kind in (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
 
 
 def _guard_failure(compiled: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str:
@@ -597,7 +610,10 @@ def _load_stored(target: Any, key: AotKey, data: bytes, name: str) -> tuple[Any,
         return None
     try:
         compiled = load_payload(target, payload)
-        difference = first_difference(plan_for(target).fn, compiled)
+        plan = plan_for(target)
+        # Through a module's __call__ the stored closure is PyTorch's wrapper around the module, which the load
+        # replaces with this process's (external data); its hooks' values are in the key.
+        difference = first_difference(plan.fn, compiled) if plan.entry != "__call__" else None
     except Exception as exc:  # noqa: BLE001 - another torch's format, a missing external object
         log.warning("castore: %s: loading the stored ahead-of-time function failed (%s: %s); compiling", name,
                     type(exc).__name__, str(exc)[:300])  # fmt: skip

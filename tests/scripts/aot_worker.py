@@ -5,7 +5,7 @@
     AOT_FAKE_TORCH=2.99.0        this process's fingerprint claims another torch version
     AOT_TRAIN=1                  compile and run with grad (a backward pass too)
     AOT_TWICE=1                  after the first, flush and aot_compile again (what a second process would find)
-    AOT_HOOK=1                   a forward pre-hook on the module (halves its input)
+    AOT_HOOK=1                   a forward pre-hook on the module (scales its input by AOT_HOOK_SCALE, 0.5)
     AOT_SCALE_WEIGHTS=1.5        this process's weights differ from the writer's (a checkpoint loaded)
     AOT_GLOBALS='{"FLAG": true}' module-level globals of the model set before it is built (a flag set otherwise)
     AOT_THREADS=2                torch.set_num_threads before anything (a machine of another core count)
@@ -29,6 +29,13 @@ import castore.torch
 from castore.torch import artifacts, fingerprint
 
 
+def scaling_hook(scale: float):  # a hook made by a factory: its value lives in its closure
+    def hook(_module, args):
+        return tuple(a * scale for a in args)
+
+    return hook
+
+
 def main() -> None:
     if os.environ.get("AOT_FAKE_TORCH"):
         real = fingerprint.fingerprint
@@ -47,7 +54,7 @@ def main() -> None:
     net, inputs = module.make(int(os.environ.get("AOT_BATCH", "4")))
     train = os.environ.get("AOT_TRAIN") == "1"
     if os.environ.get("AOT_HOOK") == "1":
-        net.register_forward_pre_hook(lambda _module, args: tuple(a * 0.5 for a in args))
+        net.register_forward_pre_hook(scaling_hook(float(os.environ.get("AOT_HOOK_SCALE", "0.5"))))
     if os.environ.get("AOT_SCALE_WEIGHTS"):
         with torch.no_grad():
             for p in net.parameters():
@@ -114,7 +121,8 @@ def main() -> None:
         with torch.set_grad_enabled(train):
             again = castore.torch.aot_compile(net, inputs)
             twice = again(*inputs).detach()
-        second = {"source": again.source, "reason": again.reason, "max_abs_diff": float((twice - expected).abs().max())}
+        second = {"source": again.source, "reason": again.reason, "fell_back": again.fell_back,
+                  "max_abs_diff": float((twice - expected).abs().max())}  # fmt: skip
     from torch._dynamo.utils import compilation_time_metrics, counters
 
     h = hashlib.sha256()
