@@ -605,6 +605,13 @@ def test_closure_values_module_attributes_and_submodule_classes_are_part_of_the_
     sigmoid = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Sigmoid())
     assert compute_key(tanh, (x,), {}).components["code"] == compute_key(sigmoid, (x,), {}).components["code"]
     assert compute_key(tanh, (x,), {}).key != compute_key(sigmoid, (x,), {}).key
+    # An object passed as an input: by its attributes (Dynamo guards on what the trace reads of it).
+    class Config:
+        def __init__(self, k: float) -> None:
+            self.k = k
+
+    assert compute_key(torch_function, (x, Config(1.0)), {}).key != compute_key(torch_function, (x, Config(2.0)), {}).key
+    assert compute_key(torch_function, (x, Config(1.0)), {}).key == compute_key(torch_function, (x, Config(1.0)), {}).key
 
 
 @pytest.mark.torch

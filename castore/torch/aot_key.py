@@ -204,7 +204,9 @@ def _value_spec(value: Any, dynamic: bool | None) -> str:
         return _tensor_spec(value, dynamic)
     if value is None or isinstance(value, (bool, int, float, str, torch.dtype, torch.device)):
         return f"{type(value).__name__} {value!r}"  # Dynamo specializes on these
-    return type(value).__qualname__
+    # An object passed in (a config, a function): Dynamo guards on what the trace read of it, so an input with
+    # other values would load an artifact whose guards reject it; described, it is another key.
+    return describe_bound(value)
 
 
 def input_specs(args: tuple[Any, ...], kwargs: dict[str, Any], dynamic: bool | None) -> str:
