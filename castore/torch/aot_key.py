@@ -256,9 +256,11 @@ def threads_free(target: Any, args: tuple[Any, ...], kwargs: dict[str, Any], opt
     import torch
     from torch.utils import _pytree as pytree
 
+    from castore.torch.fingerprint import config_value
+
     opts = options or {}
-    threads = opts.get("cpp.threads", _inductor_setting("cpp.threads"))
-    dynamic_threads = opts.get("cpp.dynamic_threads", _inductor_setting("cpp.dynamic_threads"))
+    threads = opts.get("cpp.threads", config_value("torch._inductor.config", "cpp.threads"))
+    dynamic_threads = opts.get("cpp.dynamic_threads", config_value("torch._inductor.config", "cpp.dynamic_threads"))
     if (isinstance(threads, int) and threads >= 1) or dynamic_threads is True:
         return True
     module = target if isinstance(target, torch.nn.Module) else getattr(target, "__self__", None)
@@ -268,25 +270,17 @@ def threads_free(target: Any, args: tuple[Any, ...], kwargs: dict[str, Any], opt
     return bool(tensors) and all(t.device.type not in ("cpu", "meta") for t in tensors)
 
 
-def _inductor_setting(dotted: str) -> Any:
-    import sys as _sys
-
-    config: Any = _sys.modules.get("torch._inductor.config")
-    if config is None:
-        import torch._inductor.config as config
-    for part in dotted.split("."):
-        config = getattr(config, part, None)
-    return config
-
-
-def dynamo_global_state(free_threads: bool) -> dict[str, Any]:
+def dynamo_global_state(free_threads: bool, guard: Any = None) -> dict[str, Any]:
     """What Dynamo's global-state guard compares (grad mode, autocast, TF32 and reduced-precision matmul flags,
-    deterministic algorithms, the default dtype, torch-function state, the thread count), the thread count left
-    out where free_threads. Empty where this torch has no such guard."""
+    deterministic algorithms, the default dtype, torch-function state, the thread count), now or as ``guard``
+    (a GlobalStateGuard) recorded it, the thread count left out where free_threads. Empty where this torch has
+    no such guard."""
     try:
-        from torch._C._dynamo.guards import GlobalStateGuard
+        if guard is None:
+            from torch._C._dynamo.guards import GlobalStateGuard
 
-        state = json.loads(GlobalStateGuard().__getstate__())
+            guard = GlobalStateGuard()
+        state = json.loads(guard.__getstate__())
     except Exception:  # noqa: BLE001 - another torch: the fields global_state() names still count
         return {}
     if free_threads:

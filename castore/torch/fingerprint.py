@@ -112,14 +112,15 @@ def cpu_isa() -> str:
         valid = []
     if not valid:
         return "none"
-    simdlen = _config_value("torch._inductor.config", "cpp.simdlen")
+    simdlen = config_value("torch._inductor.config", "cpp.simdlen")
     if simdlen is not None:
         return next((str(isa) for isa in valid if isa.bit_width() == simdlen), "none")
     picked = vec.get_isa_from_cpu_capability(os.environ.get("ATEN_CPU_CAPABILITY"), valid, vec.invalid_vec_isa)
     return str(picked) or "none"
 
 
-def _config_value(module_name: str, dotted: str) -> Any:
+def config_value(module_name: str, dotted: str) -> Any:
+    """A setting of a torch config module by dotted name (``cpp.simdlen``), None where there is none."""
     import importlib
 
     obj: Any = importlib.import_module(module_name)
@@ -179,8 +180,8 @@ def _scalar(value: Any) -> str | int | float | bool | None:
 
 def _flags() -> dict[str, str | int | float | bool | None]:
     """The named compile settings, as fingerprint fields."""
-    flags = {f"flag.inductor.{n}": _scalar(_config_value("torch._inductor.config", n)) for n in INDUCTOR_FLAGS}
-    flags.update({f"flag.functorch.{n}": _scalar(_config_value("torch._functorch.config", n)) for n in FUNCTORCH_FLAGS})
+    flags = {f"flag.inductor.{n}": _scalar(config_value("torch._inductor.config", n)) for n in INDUCTOR_FLAGS}
+    flags.update({f"flag.functorch.{n}": _scalar(config_value("torch._functorch.config", n)) for n in FUNCTORCH_FLAGS})
     return flags
 
 

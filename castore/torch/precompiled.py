@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from castore.torch import collector
-from castore.torch.aot_key import MAX_META_TEXT, AotKey, _digest
+from castore.torch.aot_key import MAX_META_TEXT, AotKey, _digest, dynamo_global_state
 from castore.torch.aot_key import compute_key as _compute_key
 from castore.torch.bound_values import first_difference
 
@@ -186,21 +186,16 @@ class GlobalStateCheck:
         self._new = GlobalStateGuard
         self._guard = GlobalStateGuard()
         self._state = self._fields(self._guard)
+        if not self._state:
+            raise RuntimeError("Dynamo's global state cannot be read")
 
     @staticmethod
     def available() -> bool:
-        try:
-            from torch._C._dynamo.guards import GlobalStateGuard
-
-            return "num_threads" in json.loads(GlobalStateGuard().__getstate__())
-        except Exception:  # noqa: BLE001 - another torch: Dynamo's own guard stays
-            return False
+        return "num_threads" in dynamo_global_state(False)  # else another torch: Dynamo's own guard stays
 
     @staticmethod
     def _fields(guard: Any) -> dict[str, Any]:
-        state = json.loads(guard.__getstate__())
-        state.pop("num_threads", None)
-        return state
+        return dynamo_global_state(True, guard)
 
     def check(self) -> bool:
         if self._guard.check():
