@@ -605,6 +605,15 @@ def test_closure_values_module_attributes_and_submodule_classes_are_part_of_the_
     sigmoid = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Sigmoid())
     assert compute_key(tanh, (x,), {}).components["code"] == compute_key(sigmoid, (x,), {}).components["code"]
     assert compute_key(tanh, (x,), {}).key != compute_key(sigmoid, (x,), {}).key
+    # A function or a list held by a module: by value (Dynamo guards on them; other values once shared a key whose
+    # artifact the reader loaded and then sent every call to torch.compile).
+    relu, sigmoid, wide = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)
+    relu.act, sigmoid.act = torch.relu, torch.sigmoid  # type: ignore[assignment]
+    relu.sizes, wide.sizes = [1, 2], [1, 4]  # type: ignore[assignment]
+    sigmoid.sizes = [1, 2]  # type: ignore[assignment]
+    wide.act = torch.relu  # type: ignore[assignment]
+    keys = {compute_key(m, (x,), {}).components["parameters"] for m in (relu, sigmoid, wide)}
+    assert len(keys) == 3, keys
     # An object passed as an input: by its attributes (Dynamo guards on what the trace reads of it).
     class Config:
         def __init__(self, k: float) -> None:

@@ -231,11 +231,31 @@ def parameter_specs(target: Any) -> str:
         # Each submodule's class by name, torch's own too (the code component hashes only the others' code):
         # Sequential(Linear, Tanh) and Sequential(Linear, Sigmoid) have the same parameters.
         lines.append(f"module {prefix or '.'} {type(m).__module__}.{type(m).__qualname__}")
-        # Plain attributes the forward may read (a scale, a flag): Dynamo guards on them as constants.
+        # Attributes the forward may read (a scale, a flag, an activation function, a list of sizes): Dynamo
+        # guards on what it reads of them, so a module with other values would load an artifact its guards reject.
         for attr, value in sorted(vars(m).items()):
-            if not attr.startswith("_") and attr != "training" and (value is None or isinstance(value, (bool, int, float, str))):
-                lines.append(f"attr {prefix}.{attr} {value!r}")
+            if not attr.startswith("_") and attr != "training":
+                lines.append(f"attr {prefix}.{attr} {_attribute_spec(value)}")
     return "\n".join(lines)
+
+
+def _attribute_spec(value: Any, depth: int = 0) -> str:
+    """A module attribute as the key sees it: scalars by value, tensors by spec (read at each call), functions as
+    closure values are, short containers item by item; any other object by its type alone (a config object may
+    hold paths or times of the machine that made it, which must not split the key)."""
+    import torch
+
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return repr(value)
+    if isinstance(value, torch.Tensor):
+        return _tensor_spec(value, False)
+    if isinstance(value, (list, tuple)) and depth < 2 and len(value) <= 64:
+        return f"{type(value).__qualname__}[" + ", ".join(_attribute_spec(v, depth + 1) for v in value) + "]"
+    if isinstance(value, dict) and depth < 2 and len(value) <= 64 and all(isinstance(k, str) for k in value):
+        return "{" + ", ".join(f"{k!r}: {_attribute_spec(v, depth + 1)}" for k, v in sorted(value.items())) + "}"
+    if inspect.isfunction(value) or inspect.isbuiltin(value) or isinstance(value, functools.partial):
+        return describe_bound(value)
+    return type(value).__qualname__
 
 
 def _stable(value: Any) -> str:
