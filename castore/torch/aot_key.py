@@ -109,12 +109,12 @@ def _modules_of(target: Any) -> Iterable[Any]:
 _HOOK_DICTS = ("_forward_pre_hooks", "_forward_hooks", "_backward_pre_hooks", "_backward_hooks")
 
 
-def _hooks(module: Any) -> list[Any]:
+def module_hooks(module: Any) -> list[Any]:
     """A module's own hooks, in the order they run."""
     return [hook for name in _HOOK_DICTS for hook in (getattr(module, name, None) or {}).values()]
 
 
-def _global_hooks() -> list[Any]:
+def global_module_hooks() -> list[Any]:
     """The hooks registered for every module (``register_module_forward_hook`` and friends)."""
     from torch.nn.modules import module as module_module
 
@@ -134,12 +134,13 @@ def code_identity(target: Any) -> tuple[str, str]:
         names.append(f"{cls.__module__}.{cls.__qualname__}")
         parts.append(f"class {names[-1]}: {_code_of(cls)}")
         packages.add(cls.__module__.split(".", 1)[0])
-    for m in _modules_of(target):
+    modules = list(_modules_of(target))
+    for m in modules:
         if "forward" in vars(m):  # a forward assigned to the instance
             functions.append(vars(m)["forward"])
-        functions.extend(_hooks(m))  # traced inline through the module's __call__, with their closures
-    if _modules_of(target):
-        functions.extend(_global_hooks())
+        functions.extend(module_hooks(m))  # traced inline through the module's __call__, with their closures
+    if modules:
+        functions.extend(global_module_hooks())
     if not isinstance(target, type) and not _classes_of(target):
         functions.append(target)
     for fn in functions:

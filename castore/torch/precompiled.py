@@ -37,7 +37,7 @@ from typing import Any
 
 from castore.torch import collector
 from castore.torch.aot_guards import GlobalStateCheck, GuardRecord, guard_failure
-from castore.torch.aot_key import MAX_META_TEXT, AotKey, _digest
+from castore.torch.aot_key import MAX_META_TEXT, AotKey, _digest, global_module_hooks, module_hooks
 from castore.torch.aot_key import compute_key as _compute_key
 from castore.torch.bound_values import first_difference
 
@@ -126,11 +126,7 @@ class AotPlan:
 
 
 def _has_hooks(module: Any) -> bool:
-    from torch.nn.modules import module as module_module
-
-    own = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
-    shared = ("_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks", "_global_backward_pre_hooks")
-    return any(getattr(module, name, None) for name in own) or any(getattr(module_module, n, None) for n in shared)
+    return bool(module_hooks(module) or global_module_hooks())
 
 
 def plan_for(target: Any) -> AotPlan:
